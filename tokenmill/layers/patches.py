@@ -1,0 +1,20 @@
+"""Patchify / unpatchify images for ViT encoders and pixel-predicting decoders."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def check_image_size(image_size: int, patch_size: int) -> int:
+    """Returns the patch-grid side; refuses sizes that do not tile."""
+    if image_size % patch_size != 0:
+        raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}")
+    return image_size // patch_size
+
+
+def unpatchify(patches: Tensor, grid: int, patch_size: int, channels: int) -> Tensor:
+    """[B, grid*grid, p*p*C] -> [B, C, grid*p, grid*p]."""
+    b = patches.shape[0]
+    x = patches.view(b, grid, grid, patch_size, patch_size, channels)
+    x = x.permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, channels, grid * patch_size, grid * patch_size)

@@ -1,0 +1,59 @@
+"""The quantizer protocol every bottleneck follows.
+
+`forward(z[B, N, D]) -> QuantizerOutput(codes, indices, losses, metrics)`:
+  codes    [B, N, D]  quantized latents with a straight-through gradient to `z`
+  indices  [B, N] (or [B, N, groups] for factorised codes), int64
+  losses   dict of scalar tensors to add (already weighted), e.g. {"commitment": ...}
+  metrics  dict of detached scalars for logging, e.g. {"usage": ..., "perplexity": ...}
+
+Quantization always runs in fp32 with autocast off: nearest-code search and entropy terms are
+unstable in bf16/fp16 (a few ulps flip argmins), and indices must not depend on the precision a
+run trains in.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class QuantizerOutput(NamedTuple):
+    codes: Tensor
+    indices: Tensor
+    losses: dict[str, Tensor]
+    metrics: dict[str, Tensor]
+
+
+class Quantizer(nn.Module, ABC):
+    codebook_size: int
+    dim: int
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        if z.dim() != 3 or z.shape[-1] != self.dim:
+            raise ValueError(f"{type(self).__name__} expects latents [B, N, {self.dim}], got {tuple(z.shape)}")
+        input_dtype = z.dtype
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            out = self.quantize(z.float())
+        return out._replace(codes=out.codes.to(input_dtype))
+
+    @abstractmethod
+    def quantize(self, z: Tensor) -> QuantizerOutput:
+        """fp32 quantization; called by forward with autocast disabled."""
+
+    @abstractmethod
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """indices [B, N] -> codes [B, N, D], equal to `forward(z).codes` for those indices."""
+
+
+def histogram_metrics(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
+    """Batch-level codebook statistics (usage fraction and perplexity of the code histogram)."""
+    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+    probs = counts / counts.sum().clamp_min(1)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
+    return {
+        "usage": (counts > 0).float().mean(),
+        "perplexity": entropy.exp(),
+    }

@@ -1,0 +1,125 @@
+"""One training run from a composed Hydra config: build, fit, validate, export, verify."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+
+from tokenmill.export import build_model, from_pretrained
+from tokenmill.trainers.checkpoint_io import AtomicCheckpointIO
+
+log = logging.getLogger(__name__)
+
+
+def silence_expected_warnings() -> None:
+    """Lightning warnings that describe intended behaviour here, not problems."""
+    # The EMA copy and frozen perceptual network are in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    # With manual optimisation we checkpoint after the step: that is the state resume needs.
+    warnings.filterwarnings("ignore", message=r".*no pre-optimization state was saved.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
+
+def save_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config_resolved.yaml"
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """"last" resumes from this run directory's last.ckpt when one exists (else starts fresh)."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+    return ckpt_path
+
+
+def instantiate_group(group: DictConfig | None) -> list:
+    """Instantiate every `_target_` entry of a config group (callbacks, loggers)."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def build_task(cfg: DictConfig) -> L.LightningModule:
+    net = build_model(cfg.model.net)  # records its config for save_pretrained
+    task_cfg = OmegaConf.to_container(cfg.model, resolve=True)  # resolve against the root first
+    task_cfg.pop("net")
+    return instantiate(task_cfg, net=net)
+
+
+def verify_export(task: L.LightningModule, export_dir: Path, run_dir: Path) -> float | None:
+    """Reload the export and check it reproduces the run's last validation reconstructions."""
+    batch = getattr(task, "grid_batch", None)
+    if batch is None:
+        return None
+    reloaded = from_pretrained(export_dir)
+    with torch.no_grad():
+        again = reloaded(batch["image"].float()).reconstruction
+    save_file(
+        {"images": batch["image"].contiguous(), "reconstructions": batch["reconstruction"].float().contiguous()},
+        str(run_dir / "reconstructions.safetensors"),
+    )
+    return float((again - batch["reconstruction"].float()).abs().max())
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    silence_expected_warnings()
+    run_dir = Path(cfg.paths.output_dir)
+    save_resolved_config(cfg, run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+
+    datamodule = instantiate(cfg.data)
+    task = build_task(cfg)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=instantiate_group(cfg.get("callbacks")),
+        logger=instantiate_group(cfg.get("logger")) or False,
+        plugins=[AtomicCheckpointIO()],
+    )
+    trainer.fit(task, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), run_dir))
+    if trainer.interrupted:
+        return {}
+    trainer.validate(task, datamodule=datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+    if trainer.is_global_zero:
+        summary = {"run_dir": str(run_dir), "global_step": trainer.global_step, **metrics}
+        if cfg.export.enabled:
+            export_dir = run_dir / "export"
+            command = " ".join(["python", *sys.argv])
+            task.eval_net.save_pretrained(export_dir, metrics=metrics, extra={"Training command": command})
+            summary["export_dir"] = str(export_dir)
+            diff = verify_export(task, export_dir, run_dir)
+            if diff is not None:
+                summary["export_max_abs_diff"] = diff
+        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        print_summary(summary)
+    return metrics
+
+
+def print_summary(summary: dict) -> None:
+    lines = ["", "=" * 60, "tokenmill run finished"]
+    for key, value in summary.items():
+        lines.append(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
+    if "export_max_abs_diff" in summary:
+        verdict = "exactly" if summary["export_max_abs_diff"] == 0.0 else "NOT exactly"
+        lines.append(f"  reloaded export reproduces the run's reconstructions {verdict}")
+    lines.append("=" * 60)
+    print("\n".join(lines), flush=True)
