@@ -63,35 +63,47 @@ class BenchConfig:
     overrides: tuple[str, ...]
     description: str
     gpu_only: bool = False
+    # GAN variants: if the composed config has no discriminator (the demo sets it to null), use the
+    # default one of conf/model/titok.yaml; the run fails if the timed steps are not GAN steps.
+    gan: bool = False
 
 
 CONFIGS: tuple[BenchConfig, ...] = (
     BenchConfig(
         "demo",
         ("experiment=demo",),
-        "`experiment=demo` as configured; its discriminator starts at step 600, so these are "
-        "generator-only steps (reconstruction + VQ losses, no perceptual loss)",
+        "`experiment=demo` exactly as configured (see the last column for what its step contains)",
     ),
     BenchConfig(
         "demo+gan",
         ("experiment=demo", "model.loss.discriminator_start=0"),
-        "`experiment=demo model.loss.discriminator_start=0`: the demo's GAN phase (generator step "
-        "with adversarial loss + PatchGAN discriminator step)",
+        "`experiment=demo model.loss.discriminator_start=0`, with the PatchGAN discriminator of "
+        "`conf/model/titok.yaml` put back when the demo config has none: the cost of a GAN step "
+        "(adversarial generator loss + discriminator update) on the demo model",
+        gan=True,
     ),
     BenchConfig(
         "titok_s128@64px",
         ("experiment=titok_s128", "data=embedded", "data.image_size=64", "data.batch_size=8"),
         "`experiment=titok_s128 data=embedded data.image_size=64 data.batch_size=8`: the TiTok-S-128 "
-        "architecture with only image size and batch shrunk for CPU; generator step with "
-        "reconstruction + VQ + LPIPS perceptual loss (LPIPS randomly initialised here: same cost); "
-        "discriminator not started (starts at step 20k)",
+        "architecture with only image size and batch shrunk for CPU; its LPIPS perceptual loss is "
+        "randomly initialised here (no weights offline), which costs the same; the discriminator "
+        "starts at step 20k, so these are generator steps",
+    ),
+    BenchConfig(
+        "titok_s128@64px+gan",
+        ("experiment=titok_s128", "data=embedded", "data.image_size=64", "data.batch_size=8",
+         "model.loss.discriminator_start=0"),
+        "as `titok_s128@64px` with `model.loss.discriminator_start=0`: the GAN phase of the recipe "
+        "(adversarial loss + LeCam-regularised PatchGAN update) on top of the perceptual loss",
+        gan=True,
     ),
     BenchConfig(
         "titok_s128",
         ("experiment=titok_s128", "data=embedded", "data.batch_size=32"),
         "`experiment=titok_s128 data=embedded data.batch_size=32`: TiTok-S-128 at 256px, batch 32 "
-        "per GPU as in the paper recipe (embedded photos instead of ImageNet shards), generator step "
-        "with perceptual loss",
+        "per GPU as in the paper recipe (embedded photos instead of ImageNet shards; data loading is "
+        "outside the timed window), generator steps with perceptual loss",
         gpu_only=True,
     ),
     BenchConfig(
@@ -99,6 +111,7 @@ CONFIGS: tuple[BenchConfig, ...] = (
         ("experiment=titok_s128", "data=embedded", "data.batch_size=32", "model.loss.discriminator_start=0"),
         "as `titok_s128` with `model.loss.discriminator_start=0`: the GAN phase of the recipe",
         gpu_only=True,
+        gan=True,
     ),
 )
 CONFIGS_BY_NAME = {c.name: c for c in CONFIGS}
@@ -318,6 +331,7 @@ def run_worker(name: str, warmup: int, steps: int, threads: int | None) -> dict:
     import torch
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import Callback
+    from omegaconf import OmegaConf, open_dict
     from torch.utils.flop_counter import FlopCounterMode
 
     # the module, not the `attention` function that tokenmill.layers re-exports under that name
@@ -336,6 +350,11 @@ def run_worker(name: str, warmup: int, steps: int, threads: int | None) -> dict:
     overrides = [*bench.overrides, *BENCH_OVERRIDES, f"trainer.max_steps={warmup + steps}",
                  f"paths.output_dir={out_dir}"]
     cfg = compose(overrides)
+    if bench.gan and cfg.model.get("discriminator") is None:
+        defaults = OmegaConf.load(CONF_DIR / "model" / "titok.yaml")
+        with open_dict(cfg):
+            cfg.model.discriminator = defaults.discriminator
+            cfg.model.discriminator_optimizer = "${model.optimizer}"
     cuda = torch.cuda.is_available()
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -358,6 +377,8 @@ def run_worker(name: str, warmup: int, steps: int, threads: int | None) -> dict:
             self._counter = None
             self._backend = None
             self._t0 = 0.0
+            self._cpu0 = 0.0
+            self.cpu_util: list[float] = []  # process CPU seconds / wall seconds, per timed step
             self._last_start: float | None = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -376,11 +397,13 @@ def run_worker(name: str, warmup: int, steps: int, threads: int | None) -> dict:
                 self.loop_times.append(now - self._last_start)
             self._last_start = now
             self._t0 = now
+            self._cpu0 = time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if cuda:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - self._t0
+            cpu_seconds = time.process_time() - self._cpu0
             if self._counter is not None:
                 self._counter.__exit__(None, None, None)
                 attention_module._backend = self._backend
@@ -390,6 +413,7 @@ def run_worker(name: str, warmup: int, steps: int, threads: int | None) -> dict:
                 self._counter = None
             elif self.index >= warmup:
                 self.step_times.append(elapsed)
+                self.cpu_util.append(cpu_seconds / elapsed)
                 self.gan_active.append(self._gan_now)
             self.index += 1
 
@@ -408,6 +432,8 @@ def run_worker(name: str, warmup: int, steps: int, threads: int | None) -> dict:
     if len(probe.step_times) != steps or probe.flops is None:
         raise RuntimeError(f"expected {steps} timed steps and one counted step, got {len(probe.step_times)} "
                            f"timed steps (global_step={trainer.global_step})")
+    if bench.gan and not (all(probe.gan_active) and probe.counted_gan_active):
+        raise RuntimeError(f"{name}: the discriminator was not active in every measured step")
     # Split of the counted step: generator and perceptual alone on the same batch; the remainder
     # is the discriminator (both of its passes) when the GAN was active, else should be ~0.
     mapping = _flop_counter_mapping()
@@ -438,6 +464,7 @@ def run_worker(name: str, warmup: int, steps: int, threads: int | None) -> dict:
         "gan_in_some_timed_steps": any(probe.gan_active),
         "step_times_s": probe.step_times,
         "loop_times_s": probe.loop_times,
+        "cpu_util": probe.cpu_util,
         "flops": probe.flops,
         "hand_estimate": hand_estimate_generator_flops(cfg),
         "fit_seconds": fit_seconds,
@@ -479,7 +506,7 @@ def summarise(r: dict, peak_flops: float) -> dict:
     if r["perceptual_in_step"]:
         parts.append("LPIPS")
     if r["gan_in_timed_steps"]:
-        parts.append("adv. loss + D step")
+        parts.append(f"adv. loss + D step (D {r['params_discriminator'] / 1e6:.2f} M)")
     elif r["gan_in_some_timed_steps"]:
         parts.append("D step in some steps")
     return {
@@ -492,6 +519,7 @@ def summarise(r: dict, peak_flops: float) -> dict:
         "min_ms": min(times) * 1e3,
         "max_ms": max(times) * 1e3,
         "loop_median_ms": statistics.median(r["loop_times_s"]) * 1e3 if r["loop_times_s"] else float("nan"),
+        "cpu_util": statistics.median(r["cpu_util"]),
         "images_per_s": r["batch_size"] / median,
         "images_per_s_mean": r["batch_size"] / mean,
         "gflop_step": flops / 1e9,
@@ -566,8 +594,10 @@ def render_section(info: dict, peak: dict, peaks_seen: list[float], results: lis
         f"{peak['threads']} threads; best of "
         + ", ".join(f"{n}x{n}: {v:.1f}" for n, v in peak["per_size_gflops"].items())
         + f" GFLOP/s; probes before/after the runs: {', '.join(f'{p / 1e9:.1f}' for p in peaks_seen)})",
-        f"- 1-minute load average when the run started: {_fmt(info['load_average'], '.2f')} "
-        "(other processes on the machine slow the steps down; this should be near 0)",
+        f"- 1-minute load average before / after the runs: {_fmt(info['load_average'], '.2f')} / "
+        f"{_fmt(info.get('load_average_after'), '.2f')} (the benchmark itself adds ~"
+        f"{results[0]['threads'] if results else info['threads']} while it runs; anything else on the machine "
+        "slows the steps down)",
         f"- precision: {', '.join(sorted({r['precision'] for r in results}))}; "
         f"{warmup} warm-up + {steps} timed steps per configuration, each in its own process",
         "",
@@ -603,6 +633,8 @@ def render_section(info: dict, peak: dict, peaks_seen: list[float], results: lis
         "Lightning, the data and the model together (an idle worker after imports is "
         f"~{statistics.median(r['import_rss_mib'] for r in results):.0f} MiB of it); on GPU "
         "`torch.cuda.max_memory_allocated()`.",
+        "- On GPU the peak is a bf16 GEMM; the perceptual loss deliberately runs in fp32 (autocast off, "
+        "TF32 matmuls), so configurations with LPIPS cannot reach that peak in their LPIPS share.",
         "",
         "FLOP count against a hand estimate (generator transformer: ~2 x weights x tokens per image forward, "
         "plus attention 4 x tokens^2 x width per layer, x3 for forward+backward):",
@@ -611,12 +643,19 @@ def render_section(info: dict, peak: dict, peaks_seen: list[float], results: lis
         "",
         "Step-time spread and data loading (ms):",
         "",
-        "| config | min | median | mean | max | batch start to next batch start (median, incl. data) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| config | min | median | mean | max | batch start to next batch start (median, incl. data) "
+        "| CPU busy (process CPU s / wall s, median) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s in rows:
         lines.append(f"| {s['config']} | {s['min_ms']:.1f} | {s['median_ms']:.1f} | {s['mean_ms']:.1f} "
-                     f"| {s['max_ms']:.1f} | {s['loop_median_ms']:.1f} |")
+                     f"| {s['max_ms']:.1f} | {s['loop_median_ms']:.1f} | {s['cpu_util']:.2f} |")
+    lines += [
+        "",
+        "CPU busy is the worker's CPU time over wall time during the timed steps: close to the thread count, "
+        "the step had the cores to itself; well below it, other processes took CPU time during the run (or "
+        "the step has long single-threaded stretches) and the timings above are pessimistic.",
+    ]
     lines += ["", END_MARKER]
     return "\n".join(lines)
 
@@ -676,8 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {info['cpu']} | {info['cpu_cores']} cores | torch {info['torch']} | {info['threads']} threads"
           f" | GPU: {info['gpu'] or 'none'} | load average {info['load_average']}", flush=True)
     if not cuda and info["load_average"] is not None and info["load_average"] > 0.25 * info["cpu_cores_usable"]:
-        print("# warning: the machine is busy (1-min load average "
-              f"{info['load_average']:.2f}); CPU timings will be low and noisy", flush=True)
+        print("# warning: the machine is or was recently busy (1-min load average "
+              f"{info['load_average']:.2f}); CPU timings may be low and noisy (see CPU busy below)", flush=True)
 
     peaks_seen = [peak["flops"]]
     print(f"# measured peak {peak['dtype']} matmul: {peak['flops'] / 1e9:.1f} GFLOP/s", flush=True)
@@ -694,7 +733,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
 
     # Probe again after the runs and keep the best: the peak is a ceiling, not an average.
-    after = run_in_subprocess(PROBE_WORKER, probe_args, args.threads, args.timeout)["peak"]
+    probe_after = run_in_subprocess(PROBE_WORKER, probe_args, args.threads, args.timeout)
+    after = probe_after["peak"]
+    info["load_average_after"] = probe_after["machine"]["load_average"]
     peaks_seen.append(after["flops"])
     if after["flops"] > peak["flops"]:
         peak = after
@@ -705,6 +746,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak {peak['dtype']} matmul measured: {peak['flops'] / 1e9:.1f} GFLOP/s "
           f"(before/after: {', '.join(f'{p / 1e9:.1f}' for p in peaks_seen)})")
     print(table)
+    print()
+    for row, r in zip(rows, results, strict=True):
+        busy = row["cpu_util"]
+        note = "" if cuda or busy >= 0.8 * r["threads"] else "  <- other processes took CPU time: timings pessimistic"
+        print(f"{row['config']}: step ms min {row['min_ms']:.1f} / median {row['median_ms']:.1f} / mean "
+              f"{row['mean_ms']:.1f} / max {row['max_ms']:.1f}; CPU busy {busy:.2f} of {r['threads']} threads{note}")
     print()
     print("\n".join(flop_check_lines(results)))
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")

@@ -67,11 +67,8 @@ class _PhotoCache:
         return self._images[photo]
 
 
-class EmbeddedTrainRecords:
-    """``num_samples`` virtual samples cycling over the photos: sample i is photo i % n.
-
-    The random crop itself comes from the datamodule's train transform.
-    """
+class _PhotoCycle:
+    """``num_samples`` virtual samples over the photos: sample i uses photo i % n."""
 
     def __init__(self, paths: list[Path], num_samples: int) -> None:
         self.photos = _PhotoCache(paths)
@@ -80,31 +77,30 @@ class EmbeddedTrainRecords:
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, index: int) -> tuple[str, Image.Image]:
+    def _photo_index(self, index: int) -> int:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        photo = index % len(self.photos.paths)
+        return index % len(self.photos.paths)
+
+
+class EmbeddedTrainRecords(_PhotoCycle):
+    """Training samples cycling over the photos; the random crop itself comes from the
+    datamodule's train transform."""
+
+    def __getitem__(self, index: int) -> tuple[str, Image.Image]:
+        photo = self._photo_index(index)
         return f"{self.photos.paths[photo].stem}/{index}", self.photos.get(photo)
 
 
-class EmbeddedValRecords:
+class EmbeddedValRecords(_PhotoCycle):
     """Fixed crops of the held-out photos, identical in every epoch and run.
 
     Sample j uses photo j % n; its crop is drawn from a generator seeded by j alone (not the
     experiment seed) and the first sample of each photo is the whole photo.
     """
 
-    def __init__(self, paths: list[Path], num_samples: int) -> None:
-        self.photos = _PhotoCache(paths)
-        self.num_samples = num_samples
-
-    def __len__(self) -> int:
-        return self.num_samples
-
     def __getitem__(self, index: int) -> tuple[str, Image.Image]:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        photo_index = index % len(self.photos.paths)
+        photo_index = self._photo_index(index)
         photo = self.photos.get(photo_index)
         if index < len(self.photos.paths):
             box = (0, 0, photo.width, photo.height)

@@ -184,23 +184,33 @@ class LPIPS(nn.Module):
             )
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"LPIPS expects images [B, 3, H, W], got shape {tuple(x.shape)}")
-        # One backbone pass over both images halves kernel launches.
-        both = torch.cat([x, y], dim=0)
-        taps = self.net((both - self.shift) / self.scale)
+        if y.requires_grad:
+            # Both sides need gradients: one backbone pass over the pair.
+            taps = self._taps(torch.cat([x, y], dim=0))
+            taps_x, taps_y = [t[: x.shape[0]] for t in taps], [t[x.shape[0] :] for t in taps]
+        else:
+            # The usual loss case (y is the real image): its features need no autograd graph,
+            # which saves the backward through the backbone for half the batch (~1/4 of LPIPS cost).
+            taps_x = self._taps(x)
+            with torch.no_grad():
+                taps_y = self._taps(y)
+        total = x.new_zeros(x.shape[0])
+        for tx, ty, head in zip(taps_x, taps_y, self.heads, strict=True):
+            total = total + head((_normalise_channels(tx) - _normalise_channels(ty)) ** 2).mean(dim=(1, 2, 3))
+        return total
+
+    def _taps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        taps = self.net((images - self.shift) / self.scale)
         if len(taps) != len(self.channels):
             raise ValueError(
                 f"LPIPS backbone returned {len(taps)} feature maps, expected {len(self.channels)}"
             )
-        batch = x.shape[0]
-        total = x.new_zeros(batch)
-        for k, (tap, head) in enumerate(zip(taps, self.heads, strict=True)):
+        for k, tap in enumerate(taps):
             if tap.shape[1] != self.channels[k]:
                 raise ValueError(
                     f"LPIPS backbone tap {k} has {tap.shape[1]} channels, expected {self.channels[k]}"
                 )
-            fx, fy = _normalise_channels(tap[:batch]), _normalise_channels(tap[batch:])
-            total = total + head((fx - fy) ** 2).mean(dim=(1, 2, 3))
-        return total
+        return list(taps)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.distance(x, y).mean()

@@ -36,7 +36,7 @@ class EMA(nn.Module):
         live_params = list(model.parameters())
         torch._foreach_lerp_(ema_params, [p.detach() for p in live_params], 1.0 - decay)
         # Buffers (e.g. running statistics) are copied, not averaged.
-        for ema_buf, live_buf in zip(self.module.buffers(), model.buffers()):
+        for ema_buf, live_buf in zip(self.module.buffers(), model.buffers(), strict=True):
             ema_buf.copy_(live_buf)
         self.num_updates += 1
 
