@@ -57,3 +57,18 @@ def _seed_and_quiet():
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     yield
+
+
+class StopAtStep:
+    """Lightning callback that ends fit() after `step` steps, leaving max_steps (and so the LR
+    schedule) untouched: an interruption, as a preempted job sees it."""
+
+    def __new__(cls, step: int):
+        import lightning as L
+
+        class _Stop(L.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                if trainer.global_step >= step:
+                    trainer.should_stop = True
+
+        return _Stop()

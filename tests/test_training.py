@@ -37,7 +37,7 @@ def test_demo_run_writes_every_output_and_export_reproduces_reconstructions(tmp_
     assert (run_dir / "config_resolved.yaml").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "reconstructions" / "latest.png").is_file()
-    assert (run_dir / "csv" / "metrics.csv").is_file()
+    assert (run_dir / "csv" / "version_0" / "metrics.csv").is_file()
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["global_step"] == 6 and summary["export_max_abs_diff"] == 0.0
 
@@ -48,8 +48,14 @@ def test_demo_run_writes_every_output_and_export_reproduces_reconstructions(tmp_
     assert torch.equal(again, saved["reconstructions"])
 
 
+def _metrics_rows(run_dir: Path) -> list[dict]:
+    """Rows of the CSV logger's newest version (each start or resume writes its own)."""
+    newest = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))[-1]
+    return list(csv.DictReader(open(newest)))
+
+
 def _train_losses(run_dir: Path) -> list[float]:
-    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    rows = _metrics_rows(run_dir)
     return [float(r["train/loss/reconstruction"]) for r in rows if r.get("train/loss/reconstruction")]
 
 
@@ -72,12 +78,16 @@ def _trained_state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
-    # 24 samples / batch 4 = 6 steps per epoch: stopping at 8 is mid-epoch, the GAN starts at 5.
+    # 24 samples / batch 4 = 6 steps per epoch: stopping at 8 is mid-epoch, the GAN starts at 5,
+    # and step 8 is past the warmup, inside the cosine schedule.
     common = ["model.loss.discriminator_start=5", "callbacks.model_checkpoint.every_n_train_steps=4",
               "trainer.val_check_interval=4", "export.enabled=false"]
     common = [*TITOK_S128_TINY, *common]
     _run(tmp_path, *common, "trainer.max_steps=16", output="straight", experiment="titok_s128")
-    _run(tmp_path, *common, "trainer.max_steps=8", output="resumed", experiment="titok_s128")
+    interrupt = ["+callbacks.stop_at._target_=tests.conftest.StopAtStep", "+callbacks.stop_at.step=8"]
+    _run(tmp_path, *common, "trainer.max_steps=16", *interrupt, output="resumed", experiment="titok_s128")
+    interrupted = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert interrupted["global_step"] == 8
     _run(tmp_path, *common, "trainer.max_steps=16", "ckpt_path=last", output="resumed", experiment="titok_s128")
 
     straight, straight_opt = _trained_state(tmp_path / "straight")
@@ -96,7 +106,7 @@ def test_paper_config_trains_with_gan_at_tiny_size(tmp_path):
         tmp_path, *TITOK_S128_TINY, "trainer.max_steps=4", "trainer.val_check_interval=4",
         "model.loss.discriminator_start=2", "model.loss.adaptive_adversarial_weight=true", experiment="titok_s128",
     )
-    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    rows = _metrics_rows(run_dir)
     disc_steps = [int(r["step"]) for r in rows if r.get("train/loss/discriminator")]
     assert disc_steps and min(disc_steps) >= 2  # the discriminator trains from discriminator_start on
     assert any(r.get("train/loss/perceptual") for r in rows)
