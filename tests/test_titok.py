@@ -35,3 +35,25 @@ def test_wrong_image_size_and_token_count_are_refused():
         net.decode(torch.zeros(1, 5, 8))
     with pytest.raises(Exception, match="image_size=30 is not divisible by patch_size=8"):
         build_model(tiny_autoencoder_config(image_size=30))
+
+
+@pytest.mark.parametrize(
+    "quantizer",
+    [
+        {"_target_": "tokenmill.quantizers.FSQ", "levels": [8, 5, 5, 5]},
+        {"_target_": "tokenmill.quantizers.LFQ", "dim": 4},
+        {"_target_": "tokenmill.quantizers.LFQ", "dim": 4, "spherical": True},
+        {"_target_": "tokenmill.quantizers.ResidualFSQ", "levels": [8, 5, 5, 5], "num_quantizers": 2},
+    ],
+    ids=["fsq", "lfq", "bsq", "residual_fsq"],
+)
+def test_bottleneck_is_chosen_by_config(quantizer):
+    cfg = tiny_autoencoder_config(token_dim=4)
+    cfg.quantizer = quantizer
+    net = build_model(cfg).eval()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = net(images)
+    assert out.reconstruction.shape == images.shape
+    assert torch.equal(net.decode_indices(out.indices), out.reconstruction)
+    out.reconstruction.sum().backward()  # straight-through: the encoder gets gradients
+    assert net.encoder.to_tokens.weight.grad.abs().sum() > 0
