@@ -112,3 +112,22 @@ def test_paper_config_trains_with_gan_at_tiny_size(tmp_path):
     assert any(r.get("train/loss/perceptual") for r in rows)
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 4  # one step per batch
     assert "val/psnr" in metrics
+
+
+def test_dead_code_reseeding_prevents_per_position_codebook_collapse(tmp_path):
+    """Without re-seeding the VQ codebook of a young 1D tokenizer locks into about one code per
+    token position (measured: 13-14 of 128 codes for 16 tokens over seeds 0-2); with re-seeding
+    26-43 codes stay in use. Usage is measured on the held-out photos with the EMA weights."""
+    usage = {}
+    for patience in ("null", "10"):
+        metrics, _ = _run(
+            tmp_path, "trainer.max_steps=80", "trainer.val_check_interval=80", "data.batch_size=8",
+            "data.source.num_train_samples=320", "data.source.num_val_samples=16",
+            "model.net.encoder.width=64", "model.net.encoder.depth=2", "model.net.encoder.num_latent_tokens=16",
+            "model.net.quantizer.codebook_size=128", f"model.net.quantizer.dead_code_patience={patience}",
+            "export.enabled=false", "logger=none", output=f"patience_{patience}",
+        )
+        usage[patience] = metrics["val/codebook_usage"]
+    one_code_per_position = 100.0 * 16 / 128
+    assert usage["null"] <= one_code_per_position, usage
+    assert usage["10"] >= 15.0, usage  # stated threshold: >= 15 % of the codebook in use
