@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import platform
 import statistics
@@ -236,33 +237,44 @@ def one_iteration(q: nn.Module, run: Callable, z0: Tensor, device: torch.device)
     return time.perf_counter() - t0
 
 
-def latents(batch: int, dim: int, device: torch.device) -> Tensor:
+def latents(batch: int, tokens: int, dim: int, device: torch.device) -> Tensor:
     g = torch.Generator().manual_seed(1234)
-    return (torch.randn(batch, N_TOKENS, dim, generator=g) * 1.5).to(device)
+    return (torch.randn(batch, tokens, dim, generator=g) * 1.5).to(device)
 
 
 def bench_case(case: Case, args, device: torch.device) -> None:
     ours = case.make_ours().to(device).train()
     peer = case.make_peer().to(device).train()
-    batch = B_FULL
+    batch, tokens = B_FULL, N_TOKENS
     if case.peer_bytes_per_token:
-        while batch > 1 and batch * N_TOKENS * case.peer_bytes_per_token > args.lfq_mem_gib * 2**30:
+        while batch > 1 and batch * tokens * case.peer_bytes_per_token > args.lfq_mem_gib * 2**30:
             batch //= 2
-    while True:
-        z0 = latents(batch, case.dim, device)
+    # Probe one iteration each; if the slower exceeds max_iter_s, shrink B (then N, once B is 1)
+    # by the power of two that brings it under, and probe again.
+    for _ in range(4):
+        z0 = latents(batch, tokens, case.dim, device)
         first = [one_iteration(ours, run_ours, z0, device), one_iteration(peer, case.run_peer, z0, device)]
-        if max(first) <= args.max_iter_s or batch == 1:
+        slow = max(first)
+        if slow <= args.max_iter_s or batch * tokens == 1:
             break
-        batch //= 2
+        shrink = 2 ** max(1, math.ceil(math.log2(slow / args.max_iter_s)))
+        while shrink > 1 and batch > 1:
+            batch, shrink = batch // 2, shrink // 2
+        while shrink > 1 and tokens > 1:
+            tokens, shrink = tokens // 2, shrink // 2
     for _ in range(args.warmup - 1):
         one_iteration(ours, run_ours, z0, device)
         one_iteration(peer, case.run_peer, z0, device)
+    # Cap the time spent per case: slow cases get fewer (at least 3) timed iterations.
+    iters = max(3, min(args.iters, int(args.case_budget_s / max(sum(first), 1e-9))))
     t_ours, t_peer = [], []
-    for _ in range(args.iters):
+    for _ in range(iters):
         t_ours.append(one_iteration(ours, run_ours, z0, device))
         t_peer.append(one_iteration(peer, case.run_peer, z0, device))
     case.results = {
         "batch": batch,
+        "tokens": tokens,
+        "iters": iters,
         "ours_ms": 1e3 * statistics.median(t_ours),
         "peer_ms": 1e3 * statistics.median(t_peer),
     }
@@ -273,8 +285,8 @@ def profile_case(case: Case, device: torch.device, rows: int = 8) -> str:
     """Top self-CPU ops of ours and the peer for one case (same B as the timed run)."""
     from torch.profiler import ProfilerActivity, profile
 
-    batch = case.results["batch"]
-    z0 = latents(batch, case.dim, device)
+    batch, tokens = case.results["batch"], case.results["tokens"]
+    z0 = latents(batch, tokens, case.dim, device)
     blocks = []
     for label, q, run in (
         ("ours", case.make_ours().to(device).train(), run_ours),
@@ -286,7 +298,7 @@ def profile_case(case: Case, device: torch.device, rows: int = 8) -> str:
             for _ in range(3):
                 one_iteration(q, run, z0, device)
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40)
-        blocks.append(f"--- {label}: {case.name}, {case.config}, B={batch} (3 iterations)\n{table}")
+        blocks.append(f"--- {label}: {case.name}, {case.config}, B x N = {batch} x {tokens} (3 iterations)\n{table}")
     return "\n".join(blocks)
 
 
@@ -311,7 +323,8 @@ def table_lines(cases: list[Case]) -> list[str]:
     ]
     for c in cases:
         r = c.results
-        bxn = f"{r['batch']} x {N_TOKENS}" + ("" if r["batch"] == B_FULL else f" (reduced from {B_FULL})")
+        full = r["batch"] == B_FULL and r["tokens"] == N_TOKENS
+        bxn = f"{r['batch']} x {r['tokens']}" + ("" if full else f" (reduced from {B_FULL} x {N_TOKENS})")
         lines.append(
             f"| {c.name} | {c.config} | {bxn} | {r['ours_ms']:.2f} | {r['peer_ms']:.2f} | {r['ratio']:.2f} | {c.notes} |"
         )
@@ -353,10 +366,12 @@ def write_docs(path: Path, cases: list[Case], meta: dict, profile_text: str) -> 
         f"- 1-minute load average before / after: {meta['load_before']:.2f} / {meta['load_after']:.2f}",
         f"- one iteration = forward + backward in training mode, fp32, z [B, {N_TOKENS}, dim] with "
         "requires_grad, loss = codes.sum() + sum of aux losses; "
-        f"{meta['warmup']} warm-up + {meta['iters']} timed iterations per implementation, alternating "
+        f"{meta['warmup']} warm-up + up to {meta['iters']} timed iterations per implementation (slow cases: "
+        f"fewer, at least 3, about {meta['case_budget_s']:.0f} s per case), alternating "
         "ours / peer, same input; medians of `time.perf_counter` (CUDA-synchronised on GPU).",
-        f"- B starts at {B_FULL} and is halved while one iteration exceeds {meta['max_iter_s']} s or the "
-        f"peer's LFQ tensors over all 2^k codes would exceed {meta['lfq_mem_gib']} GiB; reduced rows say so.",
+        f"- B x N starts at {B_FULL} x {N_TOKENS}; B (then N, once B is 1) is halved while one iteration "
+        f"exceeds {meta['max_iter_s']} s or the peer's LFQ tensors over all 2^k codes would exceed "
+        f"{meta['lfq_mem_gib']} GiB; reduced rows say so.",
         "",
         *table_lines(cases),
         "",
@@ -386,6 +401,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=9)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--max-iter-s", type=float, default=2.0, help="halve B while one iteration is slower")
+    p.add_argument("--case-budget-s", type=float, default=15.0, help="fewer timed iterations beyond this")
     p.add_argument("--lfq-mem-gib", type=float, default=4.0, help="memory cap for the peer's 2^k-code tensors")
     p.add_argument("--cases", nargs="*", default=None, help="substring filter on 'quantizer config'")
     p.add_argument("--profile", action="store_true", help="print the profile of the lowest-ratio case")
@@ -393,7 +409,7 @@ def main() -> None:
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
     if args.quick:
-        args.warmup, args.iters = 1, 3
+        args.warmup, args.iters, args.case_budget_s = 1, 3, 3.0
     args.warmup = max(args.warmup, 1)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -418,6 +434,7 @@ def main() -> None:
         "iters": args.iters,
         "max_iter_s": args.max_iter_s,
         "lfq_mem_gib": args.lfq_mem_gib,
+        "case_budget_s": args.case_budget_s,
     }
     print(
         f"{meta['cpu']} | {meta['threads']} threads | torch {meta['torch']} | vqp {meta['vqp']} | "
@@ -430,7 +447,7 @@ def main() -> None:
         bench_case(case, args, device)
         r = case.results
         print(
-            f"  {case.name:28s} {case.config:58s} B={r['batch']:3d}  ours {r['ours_ms']:9.2f} ms  "
+            f"  {case.name:28s} {case.config:58s} {r['batch']:2d}x{r['tokens']:3d} it={r['iters']:2d}  ours {r['ours_ms']:9.2f} ms  "
             f"peer {r['peer_ms']:9.2f} ms  ratio {r['ratio']:6.2f}  ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
