@@ -31,9 +31,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -175,7 +175,7 @@ def build_cases(vqp) -> list[Case]:
             lambda: peer_lfq(18),
             peer_three_outputs,
             "NOT the same entropy: ours (default exact_entropy_max_bits=10) uses the factorised "
-            "codebook entropy, the peer enumerates all 2^18 codes per token; B reduced for the peer's memory",
+            "codebook entropy, the peer enumerates all 2^18 codes per token; B x N reduced for the peer's memory and time",
             lfq_bytes(1, 18),
         ),
         Case(
@@ -185,7 +185,7 @@ def build_cases(vqp) -> list[Case]:
             lambda: LFQ(18, exact_entropy_max_bits=18),
             lambda: peer_lfq(18),
             peer_three_outputs,
-            "like-for-like: both enumerate the 2^18 codes per token; B reduced for the peer's memory",
+            "like-for-like: both enumerate the 2^18 codes per token; B x N reduced for the peer's memory and time",
             lfq_bytes(1, 18),
         ),
         Case(
@@ -205,7 +205,7 @@ def build_cases(vqp) -> list[Case]:
             lambda: LFQ(18, spherical=True),
             lambda: peer_lfq(18, spherical=True),
             peer_three_outputs,
-            "as LFQ dim 18: ours factorised entropy, peer enumerates 2^18 codes; B reduced for the peer's memory",
+            "as LFQ dim 18: ours factorised entropy, peer enumerates 2^18 codes; B x N reduced for the peer's memory and time",
             lfq_bytes(1, 18),
         ),
         Case(
@@ -297,8 +297,12 @@ def profile_case(case: Case, device: torch.device, rows: int = 8) -> str:
         with profile(activities=acts) as prof:
             for _ in range(3):
                 one_iteration(q, run, z0, device)
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40)
-        blocks.append(f"--- {label}: {case.name}, {case.config}, B x N = {batch} x {tokens} (3 iterations)\n{table}")
+        table = prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40
+        )
+        blocks.append(
+            f"--- {label}: {case.name}, {case.config}, B x N = {batch} x {tokens} (3 iterations)\n{table}"
+        )
     return "\n".join(blocks)
 
 
@@ -332,28 +336,38 @@ def table_lines(cases: list[Case]) -> list[str]:
 
 
 ANALYSIS = """\
-**Where we are slower and why** (from `python benchmarks/quantizers.py --profile`, which prints
-torch.profiler's top self-time ops for ours and the peer on the lowest-ratio case; the profile of
-this run's lowest-ratio case is below).
+**Where we are slower and why.** Only the cheap, elementwise quantizers come out below 1: FSQ with
+64000 codes (0.76-0.91 over three runs on this machine; a 2 ms step is sensitive to the colleague
+load) and, marginally, ResidualFSQ and FSQ [8, 5, 5, 5] (~0.97-1.1, within noise). Both
+implementations do the same arithmetic for the codes (they are bitwise equal), and the profile below
+(the lowest-ratio case, `torch.profiler`, top self-CPU ops; at ~2 ms per step a single op can show
+a scheduling spike, e.g. a 1 ms `div_`, so read it together with the stub test below) shows the same
+elementwise ops on both sides; what ours adds is `aten::bincount` and the ops around it (outside the
+top rows on a quiet run, visible with `--cases 64000 --profile`): every forward of our `FSQ` (and of each `ResidualFSQ`
+stage, and `VectorQuantizer` / grouped `LFQ`) computes `histogram_metrics` (usage and perplexity: a
+`bincount` with `minlength=codebook_size`, then float/div/log/exp/sum over the whole codebook) in
+the hot path, and the peer computes no metrics. On this machine (2026-11-22, 64 x 256 tokens, idle
+cores) that histogram alone takes ~0.42 ms for 64000 codes (~0.09 ms for 1000), and our FSQ with it
+stubbed out runs in ~1.7 ms vs the peer's ~2.0 ms (ResidualFSQ ~7.7 vs ~8.5 ms): the whole gap is
+the metrics. Cost is O(codebook_size) per call, so it matters only when the quantizer itself is
+nearly free; candidates are computing metrics only every k steps / when logging, or under
+`torch.no_grad()` on a cheaper path (`counts.count_nonzero()`, entropy over the non-zero bins).
 
-- *Exact LFQ entropy over 2^18 codes* (`exact_entropy_max_bits=18`, the like-for-like row): both
-  sides build a [tokens, 2^18] table. We compute log p = sum logsigmoid(-l) + l @ bits^T, then
-  `exp`, `mean` and `xlogy`, and backward runs through `exp` + the [T, 2^18] matmul; the peer
-  computes distances with one einsum, a softmax and a clamped log. Same order of work, so the ratio
-  stays near 1; whichever op mix is heavier decides it (see the profile). This is why the default
-  (exact_entropy_max_bits=10) never enumerates an 18-bit group: the factorised entropy is
-  orders of magnitude cheaper and is what the LFQ/BSQ rows at default settings measure.
-- *Metrics in the hot path*: every forward of `VectorQuantizer`, `FSQ`, `ResidualFSQ` (per stage)
-  and grouped `LFQ` computes `histogram_metrics` (a `bincount` over the codebook + log/sum over
-  it) for usage/perplexity; the peer computes no metrics. For the cheap quantizers (FSQ: a few
-  elementwise ops on 16k x 4-6 values) this fixed cost is a visible share of the step.
-- *VQ*: ours learns the codebook (codebook loss + gradient to the [K, dim] embedding, including
-  the `F.normalize` of the codebook in the cosine case), which the peer's cosine configuration
-  cannot do (frozen codebook); the distance matmul dominates both.
+Where we are faster: VQ (~2.8-2.9x; both spend their time in the [tokens, K] distance matmul and
+argmax, but the peer also fills a dense [tokens, K] one-hot (`fill_` + `scatter_`), copies
+[tokens, K] tensors and runs a second [tokens, K] `bmm` per forward, while we gather codes with
+`F.embedding`), grouped LFQ (~2.5-2.6x; we
+factorise the per-sample entropy over bits instead of a softmax over 2 x 2^9 codes per token) and the
+like-for-like exact 2^18-code LFQ entropy (~2.2-2.3x). The default LFQ / BSQ rows (hundreds of x) are not
+the same computation: ours uses the factorised codebook entropy for groups above
+`exact_entropy_max_bits=10` bits, the peer enumerates all 2^18 codes per token (which is also why
+those rows had to be shrunk to 1 x 64 tokens: at 64 x 256 the peer would need ~17 GB per tensor).
 """
 
 
 def write_docs(path: Path, cases: list[Case], meta: dict, profile_text: str) -> None:
+    worst = min(cases, key=lambda c: c.results["ratio"])
+    worst_label = f"{worst.name}, {worst.config}, ratio {worst.results['ratio']:.2f}"
     lines = [
         START,
         "## Quantizers (`benchmarks/quantizers.py`)",
@@ -376,7 +390,7 @@ def write_docs(path: Path, cases: list[Case], meta: dict, profile_text: str) -> 
         *table_lines(cases),
         "",
         ANALYSIS,
-        "Profile of the lowest-ratio case in this run (top self-CPU ops, 3 iterations):",
+        f"Profile of the lowest-ratio case in this run ({worst_label}; top self-CPU ops, 3 iterations):",
         "",
         "```text",
         profile_text.rstrip(),
@@ -402,7 +416,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--max-iter-s", type=float, default=2.0, help="halve B while one iteration is slower")
     p.add_argument("--case-budget-s", type=float, default=15.0, help="fewer timed iterations beyond this")
-    p.add_argument("--lfq-mem-gib", type=float, default=4.0, help="memory cap for the peer's 2^k-code tensors")
+    p.add_argument(
+        "--lfq-mem-gib", type=float, default=4.0, help="memory cap for the peer's 2^k-code tensors"
+    )
     p.add_argument("--cases", nargs="*", default=None, help="substring filter on 'quantizer config'")
     p.add_argument("--profile", action="store_true", help="print the profile of the lowest-ratio case")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
@@ -414,8 +430,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import vector_quantize_pytorch as vqp
     from importlib.metadata import version
+
+    import vector_quantize_pytorch as vqp
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cases = build_cases(vqp)
