@@ -27,7 +27,6 @@ import argparse
 import datetime as dt
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import cpu_model  # noqa: E402
 from tokenmill.quantizers.fsq import FSQ  # noqa: E402
 from tokenmill.quantizers.lfq import LFQ  # noqa: E402
 from tokenmill.quantizers.residual import ResidualFSQ  # noqa: E402
@@ -306,14 +306,6 @@ def profile_case(case: Case, device: torch.device, rows: int = 8) -> str:
     return "\n".join(blocks)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load1() -> float:

@@ -50,11 +50,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 CONF_DIR = ROOT / "conf"
 DOCS_PATH = ROOT / "docs" / "benchmarks.md"
 START_MARKER = "<!-- train_throughput:start -->"
 END_MARKER = "<!-- train_throughput:end -->"
 RESULT_PREFIX = "TRAIN_THROUGHPUT_RESULT "
+
+from benchmarks.machine import cpu_model  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -155,14 +158,6 @@ def count_params(module) -> int:
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info() -> dict:
