@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -59,16 +60,13 @@ def _seed_and_quiet():
     yield
 
 
-class StopAtStep:
-    """Lightning callback that ends fit() after `step` steps, leaving max_steps (and so the LR
-    schedule) untouched: an interruption, as a preempted job sees it."""
+class StopAtStep(L.Callback):
+    """Ends fit() after `step` steps, leaving max_steps (and so the LR schedule) untouched:
+    an interruption, as a preempted job sees it."""
 
-    def __new__(cls, step: int):
-        import lightning as L
+    def __init__(self, step: int):
+        self.step = step
 
-        class _Stop(L.Callback):
-            def on_train_batch_end(self, trainer, *args):
-                if trainer.global_step >= step:
-                    trainer.should_stop = True
-
-        return _Stop()
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
