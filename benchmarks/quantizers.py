@@ -14,7 +14,7 @@ medians. The peer is configured as in tests/test_fsq_residual.py and tests/test_
 projections, no randomness); where it cannot do exactly our computation the notes column says so.
 
 B starts at 64 (N = 256) and is halved while one iteration of either implementation takes more
-than --max-iter-s seconds, or while the peer's LFQ tensors over all 2^k codes would not fit in
+than --max-iter-s seconds, or while the peer's dense [tokens, codes] tensors (LFQ over all 2^k codes, VQ one-hots) would not fit in
 --lfq-mem-gib; the "B x N" column shows what was run.
 
 Only the section between <!-- quantizers:start --> and <!-- quantizers:end --> of
@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu_model  # noqa: E402
+from tokenmill.quantizers.base import Quantizer  # noqa: E402
 from tokenmill.quantizers.fsq import FSQ  # noqa: E402
 from tokenmill.quantizers.lfq import LFQ  # noqa: E402
 from tokenmill.quantizers.residual import ResidualFSQ  # noqa: E402
@@ -113,9 +114,49 @@ def build_cases(vqp) -> list[Case]:
                 ),
                 peer_three_outputs,
                 "peer: cosine + learnable codebook is refused, so its codebook is frozen (no EMA, no "
-                "codebook loss/grad); ours also learns the codebook and computes usage/perplexity",
+                "codebook loss/grad); ours also learns the codebook",
             )
         )
+    # EMA codebooks (the peer's default), like-for-like: same decay, same search, no codebook loss.
+    # The peer builds dense [tokens, K] tensors (distances, an int64 one-hot and its float copy).
+    vq_peer_bytes = lambda k: 24 * k  # noqa: E731
+    for k in (4096, 8192, 2**18):
+        cases.append(
+            Case(
+                "VectorQuantizer (cosine, EMA)",
+                f"dim 12, codebook {k}, l2-normalised, EMA decay 0.99",
+                12,
+                seeded(lambda k=k: VectorQuantizer(dim=12, codebook_size=k, use_l2_norm=True, ema_decay=0.99)),
+                seeded(
+                    lambda k=k: vqp.VectorQuantize(
+                        dim=12, codebook_size=k, use_cosine_sim=True, decay=0.99, rotation_trick=False,
+                        commitment_weight=0.25,
+                    )
+                ),
+                peer_three_outputs,
+                "like-for-like: EMA update with Laplace smoothing on both, straight-through",
+                vq_peer_bytes(k),
+            )
+        )
+    cases.append(
+        Case(
+            "VectorQuantizer (Euclidean, EMA, rotation trick)",
+            "dim 32, codebook 8192, EMA decay 0.99, rotation trick",
+            32,
+            seeded(
+                lambda: VectorQuantizer(
+                    dim=32, codebook_size=8192, use_l2_norm=False, ema_decay=0.99, rotation_trick=True
+                )
+            ),
+            seeded(
+                lambda: vqp.VectorQuantize(
+                    dim=32, codebook_size=8192, decay=0.99, rotation_trick=True, commitment_weight=0.25
+                )
+            ),
+            peer_three_outputs,
+            "like-for-like: EMA update and rotation-trick gradient on both",
+        )
+    )
     cases.append(
         Case(
             "VectorQuantizer (Euclidean)",
@@ -134,7 +175,7 @@ def build_cases(vqp) -> list[Case]:
             ),
             peer_three_outputs,
             "peer: learnable codebook, no EMA, plain straight-through; one mse(q, z) term with grads to "
-            "both (ours: separate codebook + commitment terms); ours adds usage/perplexity",
+            "both (ours: separate codebook + commitment terms)",
         )
     )
     for levels in ([8, 8, 8, 5, 5, 5], [8, 5, 5, 5]):
@@ -146,7 +187,7 @@ def build_cases(vqp) -> list[Case]:
                 lambda levels=levels: FSQ(levels),
                 lambda levels=levels: vqp.FSQ(levels=levels),
                 peer_two_outputs,
-                "same codes/indices (bitwise); ours adds usage/perplexity (bincount)",
+                "same codes/indices (bitwise)",
             )
         )
 
@@ -195,7 +236,7 @@ def build_cases(vqp) -> list[Case]:
             lambda: LFQ(18, num_groups=2),
             lambda: peer_lfq(18, groups=2),
             peer_three_outputs,
-            "peer num_codebooks=2; same computation (exact entropy over 2^9 per group); ours adds usage/perplexity",
+            "peer num_codebooks=2; same computation (exact entropy over 2^9 per group)",
             lfq_bytes(2, 9),
         ),
         Case(
@@ -215,7 +256,7 @@ def build_cases(vqp) -> list[Case]:
             lambda: ResidualFSQ([8, 5, 5, 5], num_quantizers=4),
             lambda: vqp.ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=4),
             peer_two_outputs,
-            "same codes/indices (bitwise); ours adds per-stage usage/perplexity",
+            "same codes/indices (bitwise)",
         ),
     ]
     return cases
@@ -242,8 +283,16 @@ def latents(batch: int, tokens: int, dim: int, device: torch.device) -> Tensor:
     return (torch.randn(batch, tokens, dim, generator=g) * 1.5).to(device)
 
 
-def bench_case(case: Case, args, device: torch.device) -> None:
+def make_ours(case: Case, with_metrics: bool, device: torch.device) -> nn.Module:
     ours = case.make_ours().to(device).train()
+    for module in ours.modules():  # what quantizer_metrics() does for one training step
+        if isinstance(module, Quantizer):
+            module.compute_metrics = with_metrics
+    return ours
+
+
+def bench_case(case: Case, args, device: torch.device) -> None:
+    ours = make_ours(case, args.with_metrics, device)
     peer = case.make_peer().to(device).train()
     batch, tokens = B_FULL, N_TOKENS
     if case.peer_bytes_per_token:
@@ -281,7 +330,7 @@ def bench_case(case: Case, args, device: torch.device) -> None:
     case.results["ratio"] = case.results["peer_ms"] / case.results["ours_ms"]
 
 
-def profile_case(case: Case, device: torch.device, rows: int = 8) -> str:
+def profile_case(case: Case, device: torch.device, with_metrics: bool, rows: int = 8) -> str:
     """Top self-CPU ops of ours and the peer for one case (same B as the timed run)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -289,7 +338,7 @@ def profile_case(case: Case, device: torch.device, rows: int = 8) -> str:
     z0 = latents(batch, tokens, case.dim, device)
     blocks = []
     for label, q, run in (
-        ("ours", case.make_ours().to(device).train(), run_ours),
+        ("ours", make_ours(case, with_metrics, device), run_ours),
         ("peer", case.make_peer().to(device).train(), case.run_peer),
     ):
         one_iteration(q, run, z0, device)
@@ -328,32 +377,25 @@ def table_lines(cases: list[Case]) -> list[str]:
 
 
 ANALYSIS = """\
-**Where we are slower and why.** Only the cheap, elementwise quantizers come out below 1: FSQ with
-64000 codes (0.76-0.91 over three runs on this machine; a 2 ms step is sensitive to the colleague
-load) and, marginally, ResidualFSQ and FSQ [8, 5, 5, 5] (~0.97-1.1, within noise). Both
-implementations do the same arithmetic for the codes (they are bitwise equal), and the profile below
-(the lowest-ratio case, `torch.profiler`, top self-CPU ops; at ~2 ms per step a single op can show
-a scheduling spike, e.g. a 1 ms `div_`, so read it together with the stub test below) shows the same
-elementwise ops on both sides; what ours adds is `aten::bincount` and the ops around it (outside the
-top rows on a quiet run, visible with `--cases 64000 --profile`): every forward of our `FSQ` (and of each `ResidualFSQ`
-stage, and `VectorQuantizer` / grouped `LFQ`) computes `histogram_metrics` (usage and perplexity: a
-`bincount` with `minlength=codebook_size`, then float/div/log/exp/sum over the whole codebook) in
-the hot path, and the peer computes no metrics. On this machine (2026-11-22, 64 x 256 tokens, idle
-cores) that histogram alone takes ~0.42 ms for 64000 codes (~0.09 ms for 1000), and our FSQ with it
-stubbed out runs in ~1.7 ms vs the peer's ~2.0 ms (ResidualFSQ ~7.7 vs ~8.5 ms): the whole gap is
-the metrics. Cost is O(codebook_size) per call, so it matters only when the quantizer itself is
-nearly free; candidates are computing metrics only every k steps / when logging, or under
-`torch.no_grad()` on a cheaper path (`counts.count_nonzero()`, entropy over the non-zero bins).
+**Reading the table.** Every ratio is >= 1 in the run above. The elementwise quantizers (FSQ,
+ResidualFSQ) do the same arithmetic as the peer (their codes are bitwise equal), so they sit near
+parity (~1.1x; at ~2 ms per step a scheduling spike moves a single run by +-0.15). Their histogram
+metrics are what used to put them below 1: a `bincount` over the whole codebook plus
+entropy/perplexity costs ~0.4 ms for 64000 codes, 20 % of an FSQ step. `TokenizerTask` therefore
+computes the metrics only on the steps Lightning logs (`quantizer_metrics`), which is what the
+table times; with `--with-metrics` (every step) FSQ with 64000 codes measures ~0.8x.
 
-Where we are faster: VQ (~2.8-2.9x; both spend their time in the [tokens, K] distance matmul and
-argmax, but the peer also fills a dense [tokens, K] one-hot (`fill_` + `scatter_`), copies
-[tokens, K] tensors and runs a second [tokens, K] `bmm` per forward, while we gather codes with
-`F.embedding`), grouped LFQ (~2.5-2.6x; we
-factorise the per-sample entropy over bits instead of a softmax over 2 x 2^9 codes per token) and the
-like-for-like exact 2^18-code LFQ entropy (~2.2-2.3x). The default LFQ / BSQ rows (hundreds of x) are not
-the same computation: ours uses the factorised codebook entropy for groups above
-`exact_entropy_max_bits=10` bits, the peer enumerates all 2^18 codes per token (which is also why
-those rows had to be shrunk to 1 x 64 tokens: at 64 x 256 the peer would need ~17 GB per tensor).
+VQ is ~2.6-3.3x faster in every variant, EMA and rotation trick included. Both sides spend their
+time in the [tokens, K] distance matmul and argmax, but the peer also fills a dense [tokens, K]
+one-hot (`fill_` + `scatter_`), copies [tokens, K] tensors and runs a second [tokens, K] `bmm` per
+forward (for its EMA sums too), where we gather codes with `F.embedding` and accumulate EMA
+statistics with `index_add_`. The dense one-hot is also why the peer's 2^18-code rows had to be
+shrunk (64 x 256 tokens would need 34 GB).
+
+Grouped LFQ (~2.5x) factorises the per-sample entropy over bits instead of a softmax over 2 x 2^9
+codes per token; the like-for-like exact 2^18-code LFQ entropy is ~2.3x. The default LFQ / BSQ rows
+(hundreds of x) are not the same computation: ours uses the factorised codebook entropy for groups
+above `exact_entropy_max_bits=10` bits, the peer enumerates all 2^18 codes per token.
 """
 
 
@@ -376,8 +418,12 @@ def write_docs(path: Path, cases: list[Case], meta: dict, profile_text: str) -> 
         f"fewer, at least 3, about {meta['case_budget_s']:.0f} s per case), alternating "
         "ours / peer, same input; medians of `time.perf_counter` (CUDA-synchronised on GPU).",
         f"- B x N starts at {B_FULL} x {N_TOKENS}; B (then N, once B is 1) is halved while one iteration "
-        f"exceeds {meta['max_iter_s']} s or the peer's LFQ tensors over all 2^k codes would exceed "
+        f"exceeds {meta['max_iter_s']} s or the peer's dense [tokens, codes] tensors (LFQ over all 2^k codes, VQ one-hots) would exceed "
         f"{meta['lfq_mem_gib']} GiB; reduced rows say so.",
+        "- ours runs with its histogram metrics (usage / entropy / perplexity) "
+        + ("ON (`--with-metrics`)." if meta["with_metrics"] else "off, as on every training step "
+           "that logs nothing (`TokenizerTask` computes them only on Lightning's logging steps); the "
+           "peer computes none. `--with-metrics` times them in."),
         "",
         *table_lines(cases),
         "",
@@ -409,10 +455,16 @@ def main() -> None:
     p.add_argument("--max-iter-s", type=float, default=2.0, help="halve B while one iteration is slower")
     p.add_argument("--case-budget-s", type=float, default=15.0, help="fewer timed iterations beyond this")
     p.add_argument(
-        "--lfq-mem-gib", type=float, default=4.0, help="memory cap for the peer's 2^k-code tensors"
+        "--lfq-mem-gib", type=float, default=4.0,
+        help="memory cap for the peer's [tokens, codes] tensors (LFQ 2^k codes, VQ one-hots)"
     )
     p.add_argument("--cases", nargs="*", default=None, help="substring filter on 'quantizer config'")
     p.add_argument("--profile", action="store_true", help="print the profile of the lowest-ratio case")
+    p.add_argument(
+        "--with-metrics",
+        action="store_true",
+        help="time ours with its histogram metrics on (training computes them only on logging steps)",
+    )
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
@@ -444,6 +496,7 @@ def main() -> None:
         "max_iter_s": args.max_iter_s,
         "lfq_mem_gib": args.lfq_mem_gib,
         "case_budget_s": args.case_budget_s,
+        "with_metrics": args.with_metrics,
     }
     print(
         f"{meta['cpu']} | {meta['threads']} threads | torch {meta['torch']} | vqp {meta['vqp']} | "
@@ -467,7 +520,7 @@ def main() -> None:
     worst = min(cases, key=lambda c: c.results["ratio"])
     profile_text = ""
     if args.profile or not (args.quick or args.no_docs):
-        profile_text = profile_case(worst, device)
+        profile_text = profile_case(worst, device, args.with_metrics)
         if args.profile:
             print("\n" + profile_text)
     if not (args.quick or args.no_docs):

@@ -73,7 +73,7 @@ def test_fsq_round_trip_range_and_grid(levels):
     assert out.indices.min() >= 0 and out.indices.max() < fsq.codebook_size
     assert out.codes.abs().max() <= 1.0
     assert out.losses == {}
-    assert set(out.metrics) == {"usage", "perplexity"}
+    assert set(out.metrics) == {"usage", "entropy", "perplexity"}
     # The implicit codebook is a bijection: every index decodes to a distinct code.
     grid = fsq.indices_to_codes(torch.arange(fsq.codebook_size))
     assert torch.unique(grid, dim=0).shape[0] == fsq.codebook_size

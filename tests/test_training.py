@@ -31,6 +31,7 @@ TITOK_S128_TINY = [
 def test_demo_run_writes_every_output_and_export_reproduces_reconstructions(tmp_path):
     metrics, run_dir = _run(
         tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=3", "callbacks.model_checkpoint.every_n_train_steps=3",
+        "trainer.log_every_n_steps=2",
     )
     assert {"val/psnr", "val/ssim", "val/codebook_usage"} <= set(metrics)
     assert 0 < metrics["val/codebook_usage"] <= 100
@@ -38,6 +39,10 @@ def test_demo_run_writes_every_output_and_export_reproduces_reconstructions(tmp_
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "reconstructions" / "latest.png").is_file()
     assert (run_dir / "csv" / "version_0" / "metrics.csv").is_file()
+    # Quantizer histogram metrics are computed exactly on the steps that log (every 2nd here).
+    train_rows = [r for r in _metrics_rows(run_dir) if r.get("train/loss/total")]
+    assert [int(r["step"]) for r in train_rows] == [1, 3, 5]
+    assert all(0 < float(r["train/quantizer/usage"]) <= 1 for r in train_rows)
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["global_step"] == 6 and summary["export_max_abs_diff"] == 0.0
 

@@ -1,4 +1,4 @@
-from tokenmill.quantizers.base import Quantizer, QuantizerOutput, histogram_metrics
+from tokenmill.quantizers.base import Quantizer, QuantizerOutput, histogram_metrics, quantizer_metrics
 from tokenmill.quantizers.fsq import FSQ
 from tokenmill.quantizers.lfq import LFQ
 from tokenmill.quantizers.residual import ResidualFSQ, ResidualQuantizer
@@ -13,4 +13,5 @@ __all__ = [
     "ResidualQuantizer",
     "VectorQuantizer",
     "histogram_metrics",
+    "quantizer_metrics",
 ]

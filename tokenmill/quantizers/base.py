@@ -14,6 +14,8 @@ run trains in.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -30,6 +32,10 @@ class QuantizerOutput(NamedTuple):
 class Quantizer(nn.Module, ABC):
     codebook_size: int
     dim: int
+    # Histogram metrics (usage, entropy, perplexity) cost O(codebook_size) per call, as much as
+    # a cheap quantizer itself; trainers switch them off on steps that log nothing
+    # (`quantizer_metrics`). Losses and codebook updates never depend on this flag.
+    compute_metrics: bool = True
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         if z.dim() != 3 or z.shape[-1] != self.dim:
@@ -48,12 +54,29 @@ class Quantizer(nn.Module, ABC):
         """indices [B, N] -> codes [B, N, D], equal to `forward(z).codes` for those indices."""
 
 
+@contextmanager
+def quantizer_metrics(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Within the block, every quantizer inside `module` computes its histogram metrics or not;
+    afterwards each gets its previous setting back."""
+    quantizers = [m for m in module.modules() if isinstance(m, Quantizer)]
+    previous = [q.compute_metrics for q in quantizers]
+    for q in quantizers:
+        q.compute_metrics = enabled
+    try:
+        yield
+    finally:
+        for q, value in zip(quantizers, previous, strict=True):
+            q.compute_metrics = value
+
+
 def histogram_metrics(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
-    """Batch-level codebook statistics (usage fraction and perplexity of the code histogram)."""
+    """Batch-level codebook statistics: usage fraction, entropy (nats) and perplexity (exp of
+    the entropy: the effective number of codes in use) of the code histogram."""
     counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
     probs = counts / counts.sum().clamp_min(1)
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
     return {
         "usage": (counts > 0).float().mean(),
+        "entropy": entropy,
         "perplexity": entropy.exp(),
     }

@@ -149,7 +149,7 @@ class FSQ(Quantizer):
         codes = self.project_out(codes)
         metrics = (
             histogram_metrics(indices, self.codebook_size)
-            if self.codebook_size <= MAX_HISTOGRAM_CODEBOOK
+            if self.compute_metrics and self.codebook_size <= MAX_HISTOGRAM_CODEBOOK
             else {}
         )
         return QuantizerOutput(codes, indices, {}, metrics)

@@ -33,7 +33,10 @@ Entropy loss (the "entropy" entry of `losses`, already weighted by `entropy_weig
           no enumeration. It is an upper bound of the exact entropy (equal when the bits are
           independent across the batch); this is the lookup-free entropy large-codebook
           implementations (Open-MAGVIT2, BSQ) rely on.
-    Entropies use exact logarithms (no probability clamping).
+    Entropies use exact logarithms (values are not clamped; see _plogp for the gradient at 0).
+    With `sync_codebook_entropy` (default) and several ranks, the batch average is taken over all
+    ranks' tokens in training (an all-reduce that gradients flow through), so the loss is the one
+    a single process would compute on the global batch; it assumes equal token counts per rank.
 
 Commitment loss: commitment_weight * mse(z, codes.detach()) (z after l2-normalisation for BSQ).
 """
@@ -47,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokenmill.quantizers.base import Quantizer, QuantizerOutput, histogram_metrics
+from tokenmill.quantizers.distributed import all_reduce_mean_with_grad
 
 MAX_INT_INDEX_BITS = 62
 MAX_HISTOGRAM_CODEBOOK = 2**16
@@ -59,8 +63,18 @@ def _bernoulli_entropy_from_logits(logits: Tensor) -> Tensor:
     return p * F.softplus(-logits) + (1 - p) * F.softplus(logits)
 
 
+def _plogp(p: Tensor) -> Tensor:
+    """p * log(p) with 0 log 0 = 0 and a finite gradient at p = 0.
+
+    A batch-mean probability is exactly 0 when every token's is (saturated sigmoids, large
+    inv_temperature); log(0) would then put -inf into the backward and 0 * -inf = NaN into every
+    gradient. Clamping only inside the log, at the smallest normal float, changes no value.
+    """
+    return p * p.clamp_min(torch.finfo(p.dtype).tiny).log()
+
+
 def _bernoulli_entropy(p: Tensor) -> Tensor:
-    return -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p))
+    return -(_plogp(p) + _plogp(1 - p))
 
 
 class LFQ(Quantizer):
@@ -78,6 +92,7 @@ class LFQ(Quantizer):
         index_format: "int" (int64 per group) or "bits" (bool [B, N, dim]).
         exact_entropy_max_bits: groups with at most this many bits compute the codebook entropy
             exactly over their 2**k codes (memory ~ tokens * 2**k); larger groups factorise.
+        sync_codebook_entropy: in training, average the code distribution over all ranks.
     """
 
     def __init__(
@@ -91,6 +106,7 @@ class LFQ(Quantizer):
         inv_temperature: float = 100.0,
         index_format: str = "int",
         exact_entropy_max_bits: int = 10,
+        sync_codebook_entropy: bool = True,
     ):
         super().__init__()
         if dim < 1 or num_groups < 1 or dim % num_groups != 0:
@@ -116,6 +132,7 @@ class LFQ(Quantizer):
         self.inv_temperature = inv_temperature
         self.index_format = index_format
         self.exact_entropy_max_bits = exact_entropy_max_bits
+        self.sync_codebook_entropy = sync_codebook_entropy
         self.code_scale = 1.0 / math.sqrt(dim) if spherical else 1.0
 
     # -- codes <-> bits <-> indices ---------------------------------------------------------
@@ -166,8 +183,15 @@ class LFQ(Quantizer):
         shifts = torch.arange(k - 1, -1, -1, device=logits.device)
         code_bits = ((codes[:, None] >> shifts) & 1).to(logits.dtype)  # [K, k], MSB first
         log_probs = F.logsigmoid(-logits).sum(-1, keepdim=True) + logits @ code_bits.t()  # [T, G, K]
-        avg_probs = log_probs.exp().mean(0)  # [G, K]
-        return -torch.special.xlogy(avg_probs, avg_probs).sum(-1).mean()
+        avg_probs = self._batch_mean(log_probs.exp())  # [G, K]
+        return -_plogp(avg_probs).sum(-1).mean()
+
+    def _batch_mean(self, probs: Tensor) -> Tensor:
+        """Mean over this rank's tokens, or over all ranks' tokens when syncing in training."""
+        mean = probs.mean(0)
+        if self.training and self.sync_codebook_entropy:
+            mean = all_reduce_mean_with_grad(mean)
+        return mean
 
     def entropy_terms(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """(mean per-sample entropy, codebook entropy), each averaged over groups, in nats."""
@@ -176,7 +200,7 @@ class LFQ(Quantizer):
         if self.bits_per_group <= self.exact_entropy_max_bits:
             codebook = self._exact_codebook_entropy(logits)
         else:
-            mean_bit_probs = torch.sigmoid(logits).mean(0)  # [G, k]
+            mean_bit_probs = self._batch_mean(torch.sigmoid(logits))  # [G, k]
             codebook = _bernoulli_entropy(mean_bit_probs).sum(-1).mean()
         return per_sample, codebook
 
@@ -205,7 +229,7 @@ class LFQ(Quantizer):
         codes = quantized + (z - z.detach())
 
         metrics: dict[str, Tensor] = {}
-        if self.codebook_size <= MAX_HISTOGRAM_CODEBOOK:
+        if self.compute_metrics and self.codebook_size <= MAX_HISTOGRAM_CODEBOOK:
             with torch.no_grad():
                 group_indices = self._bits_to_int(bits).reshape(-1, self.num_groups)
                 per_group = [

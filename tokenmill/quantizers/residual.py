@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenmill.quantizers.base import Quantizer, QuantizerOutput
+from tokenmill.quantizers.distributed import broadcast_
 from tokenmill.quantizers.fsq import FSQ
 from tokenmill.quantizers.vq import VectorQuantizer
 
@@ -22,11 +23,6 @@ DROPPED_INDEX = -1
 
 def _reinitialise(module: nn.Module) -> None:
     """Give a deep-copied stage fresh parameters, drawn the way its constructor draws them."""
-    if isinstance(module, VectorQuantizer):
-        # VectorQuantizer has no reset_parameters; repeat its constructor's init.
-        nn.init.uniform_(module.embedding.weight, -1.0 / module.codebook_size, 1.0 / module.codebook_size)
-        module.steps_unused.zero_()
-        return
     reset = getattr(module, "reset_parameters", None)
     if callable(reset):
         reset()
@@ -40,8 +36,8 @@ class ResidualQuantizer(Quantizer):
 
     Stages, in one of three forms (exactly one):
       stage: a Quantizer module, deep-copied `num_quantizers` times; each copy is re-initialised
-          (VectorQuantizer: its uniform(-1/K, 1/K) codebook init again; other modules:
-          `reset_parameters()` if they define it, else their children recursively), so the stages
+          (`reset_parameters()` where a module defines it, as VectorQuantizer does, else its
+          children recursively), so the stages
           share no parameters and do not start identical. This is what Hydra hands over for
           `stage: {_target_: ...}` (nested configs are instantiated first).
       stage: a callable returning a fresh Quantizer (e.g. Hydra `_partial_: true`), called
@@ -60,9 +56,8 @@ class ResidualQuantizer(Quantizer):
     quantizer_dropout: probability, per training forward, of running only the first q stages,
         q uniform in 1..num_quantizers (SoundStream). Later stages get index -1 and contribute
         nothing. Never applied in eval mode. The draws come from a private torch.Generator seeded
-        with `dropout_seed` when one is given (the same sequence on every rank; its state is not
-        checkpointed), else from the global torch RNG (seed it the same on every rank, e.g.
-        Lightning's seed_everything, so DDP ranks agree on q).
+        with `dropout_seed` when one is given (its state is not checkpointed), else from the
+        global torch RNG; under torch.distributed rank 0's draw is broadcast, so all ranks agree.
 
     `forward(z, num_stages=k)` runs only the first k stages (in training too; it overrides the
     dropout draw), for coarse-to-fine decoding.
@@ -167,8 +162,10 @@ class ResidualQuantizer(Quantizer):
             if not 1 <= num_stages <= self.num_quantizers:
                 raise ValueError(f"num_stages must be in 1..{self.num_quantizers}, got {num_stages}")
             active = num_stages
-        elif self.training:
-            active = self.sample_num_stages()
+        elif self.training and self.quantizer_dropout > 0:
+            # Rank 0's draw wins: stages may hold collectives (EMA / re-seeded VQ), so every rank
+            # must run the same number of them.
+            active = int(broadcast_(torch.tensor(self.sample_num_stages(), device=z.device)))
         else:
             active = self.num_quantizers
 

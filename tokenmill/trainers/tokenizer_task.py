@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tokenmill.losses import LeCamEMA, PerceptualLoss, adaptive_generator_weight, hinge_d_loss, hinge_g_loss
 from tokenmill.losses import reconstruction_loss as recon_loss_fn
 from tokenmill.metrics import CodebookUsage, ImageQualityMeter
+from tokenmill.quantizers import quantizer_metrics
 from tokenmill.tokenizers.autoencoder import Autoencoder
 from tokenmill.trainers.ema import EMA
 from tokenmill.trainers.optim import build_optimizer, warmup_cosine_scheduler
@@ -157,6 +158,10 @@ class TokenizerTask(L.LightningModule):
             "disc/logits_fake": logits_fake.detach().mean(),
         }
 
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning will write this step's logs (every `log_every_n_steps` steps)."""
+        return bool(getattr(self.trainer._logger_connector, "should_update_logs", True))
+
     def _finite_everywhere(self, loss: Tensor) -> bool:
         # Every rank must take the same branch, or the next collective hangs.
         return self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
@@ -195,7 +200,8 @@ class TokenizerTask(L.LightningModule):
 
         if self.discriminator is not None:
             self.toggle_optimizer(opt_g)  # no gradients into the discriminator from this pass
-        out = self.net(images)
+        with quantizer_metrics(self.net, enabled=self._logs_this_step()):
+            out = self.net(images)
         g_total, logs = self.generator_loss(images, out)
         if not self._finite_everywhere(g_total):
             self._skip_nonfinite(g_total, "generator")
