@@ -12,9 +12,18 @@ def _precision_if_cuda(gpu_precision: str, cpu_precision: str = "32-true") -> st
     return gpu_precision if torch.cuda.is_available() else cpu_precision
 
 
+def _div(a: int, b: int) -> int:
+    """Exact integer division for sizes (e.g. a VAE's latent side = image_size / 8)."""
+    if int(a) % int(b) != 0:
+        raise ValueError(f"${{div:{a},{b}}}: {a} is not divisible by {b}")
+    return int(a) // int(b)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("precision_if_cuda"):
         OmegaConf.register_new_resolver("precision_if_cuda", _precision_if_cuda)
+    if not OmegaConf.has_resolver("div"):
+        OmegaConf.register_new_resolver("div", _div)
 
 
 register_resolvers()

@@ -13,6 +13,7 @@ run trains in.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +45,11 @@ class Quantizer(nn.Module, ABC):
         with torch.autocast(device_type=z.device.type, enabled=False):
             out = self.quantize(z.float())
         return out._replace(codes=out.codes.to(input_dtype))
+
+    @property
+    def bits_per_token(self) -> float:
+        """Bits one token's index takes (log2 of the implicit or explicit codebook size)."""
+        return math.log2(self.codebook_size)
 
     @abstractmethod
     def quantize(self, z: Tensor) -> QuantizerOutput:

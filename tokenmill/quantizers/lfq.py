@@ -135,6 +135,10 @@ class LFQ(Quantizer):
         self.sync_codebook_entropy = sync_codebook_entropy
         self.code_scale = 1.0 / math.sqrt(dim) if spherical else 1.0
 
+    @property
+    def bits_per_token(self) -> float:
+        return float(self.total_bits)  # all groups together
+
     # -- codes <-> bits <-> indices ---------------------------------------------------------
 
     def _bits_to_codes(self, bits: Tensor) -> Tensor:

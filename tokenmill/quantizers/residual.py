@@ -138,6 +138,10 @@ class ResidualQuantizer(Quantizer):
         """Stage i quantizes residual / scale and contributes its codes * scale (None: no scaling)."""
         return None
 
+    @property
+    def bits_per_token(self) -> float:
+        return sum(stage.bits_per_token for stage in self.stages)
+
     def sample_num_stages(self) -> int:
         """Stages to run in this training step under quantizer dropout (drawn on the CPU)."""
         if self.quantizer_dropout <= 0.0 or self.num_quantizers == 1:

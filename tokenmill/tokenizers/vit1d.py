@@ -4,6 +4,10 @@ Encoder: patches of the image plus K learnable latent tokens go through one tran
 latent outputs, projected to `token_dim`, are the 1D tokens. The patch outputs are dropped, so
 the image is forced through the K tokens.
 
+With `causal_registers=True` (FlexTok) the latent ("register") tokens attend to all patches but
+only to themselves and earlier registers, and patches attend only to patches: token i cannot see
+tokens after it, which gives the sequence the coarse-to-fine order nested dropout relies on.
+
 Decoder: K (quantized) tokens plus one mask token per patch position go through a transformer;
 the patch positions are read out as pixels.
 """
@@ -39,12 +43,14 @@ class ViTEncoder1D(nn.Module):
         mlp_ratio: float = 4.0,
         num_latent_tokens: int = 128,
         token_dim: int = 12,
+        causal_registers: bool = False,
     ):
         super().__init__()
         self.image_size = image_size
         self.grid = check_image_size(image_size, patch_size)
         self.num_latent_tokens = num_latent_tokens
         self.token_dim = token_dim
+        self.causal_registers = causal_registers
         self.patch_embed = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
         self.patch_pos = _learned_embedding(self.grid**2, width, width=width)
         self.latent_tokens = _learned_embedding(num_latent_tokens, width, width=width)
@@ -65,8 +71,19 @@ class ViTEncoder1D(nn.Module):
             )
         patches = self.patch_embed(images).flatten(2).transpose(1, 2) + self.patch_pos
         latents = (self.latent_tokens + self.latent_pos).expand(images.shape[0], -1, -1)
-        x = self.transformer(self.norm_pre(torch.cat([patches, latents], dim=1)))
+        mask = self.attention_mask(images.device) if self.causal_registers else None
+        x = self.transformer(self.norm_pre(torch.cat([patches, latents], dim=1)), attn_mask=mask)
         return self.to_tokens(self.norm_post(x[:, -self.num_latent_tokens :]))
+
+    def attention_mask(self, device: torch.device) -> Tensor:
+        """bool [P+K, P+K], True = may attend: patches see patches; register i sees all patches
+        and registers <= i."""
+        p, k = self.grid**2, self.num_latent_tokens
+        mask = torch.zeros(p + k, p + k, dtype=torch.bool, device=device)
+        mask[:p, :p] = True
+        mask[p:, :p] = True
+        mask[p:, p:] = torch.ones(k, k, dtype=torch.bool, device=device).tril()
+        return mask
 
 
 class ViTDecoder1D(nn.Module):

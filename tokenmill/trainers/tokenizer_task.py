@@ -81,6 +81,11 @@ class TokenizerTask(L.LightningModule):
             raise ValueError("a discriminator needs its own `discriminator_optimizer`")
         if perceptual is None and self.loss_weights.perceptual > 0:
             raise ValueError("loss.perceptual > 0 but no `perceptual` network is configured")
+        if net.is_generative and (discriminator is not None or perceptual is not None):
+            raise ValueError(
+                f"{type(net.decoder).__name__} is a generative decoder trained by its own loss: "
+                "set model.discriminator and model.perceptual to null"
+            )
         self.optimizer_factory = optimizer
         self.discriminator_optimizer_factory = discriminator_optimizer
         self.lecam = LeCamEMA() if discriminator is not None else None
@@ -123,12 +128,21 @@ class TokenizerTask(L.LightningModule):
     # ------------------------------------------------------------------------------ training
     def generator_loss(self, images: Tensor, out) -> tuple[Tensor, dict[str, Tensor]]:
         w = self.loss_weights
-        rec = recon_loss_fn(out.reconstruction, images, kind=w.reconstruction_kind)
-        logs = {"loss/reconstruction": rec.detach()}
-        total = w.reconstruction * rec
+        logs: dict[str, Tensor] = {}
+        total = torch.zeros((), device=images.device)
+        if out.reconstruction is not None:  # None: a generative decoder, scored by its own loss
+            rec = recon_loss_fn(out.reconstruction, images, kind=w.reconstruction_kind)
+            logs["loss/reconstruction"] = rec.detach()
+            total = w.reconstruction * rec
         for name, value in out.losses.items():
             total = total + w.quantizer * value
             logs[f"loss/quantizer_{name}"] = value.detach()
+        for name, value in out.decoder_losses.items():  # already weighted by the decoder
+            total = total + value
+            logs[f"loss/decoder_{name}"] = value.detach()
+        if out.reconstruction is None:
+            logs["loss/total"] = total.detach()
+            return total, logs
         if self.perceptual is not None and w.perceptual > 0:
             perceptual = self.perceptual(out.reconstruction, images)
             total = total + w.perceptual * perceptual
@@ -243,7 +257,7 @@ class TokenizerTask(L.LightningModule):
         self.log("val/skipped_images", batch["num_skipped"].float(), reduce_fx="sum", sync_dist=True, batch_size=1)
         if len(images) == 0:  # every image of this batch failed to decode (counted above)
             return
-        out = self.eval_net(images)
+        out = self.eval_net(images, seed=batch_idx)  # seeded: a generative decoder samples reproducibly
         self.quality.update(out.reconstruction.clamp(-1, 1), images)
         if self.usage is not None and out.indices is not None:
             self.usage.update(out.indices)
