@@ -234,3 +234,23 @@ def test_flextok_256_paper_config_runs_two_steps_at_tiny_size(tmp_path):
     assert summary["global_step"] == 2 and summary["export_max_abs_diff"] == 0.0
     reloaded = from_pretrained(tmp_path / "export")
     assert isinstance(reloaded.vae, FrozenVAE) and reloaded.max_tokens == 8
+
+
+def test_export_with_a_vae_loaded_from_a_path_does_not_need_that_path(tmp_path):
+    import shutil
+
+    torch.manual_seed(6)
+    save_pretrained(_tiny_vae().eval(), tmp_path / "vae")
+    config = _flextok_config()
+    config["encoder"].update(image_size=8, patch_size=2, in_channels=4)
+    config["decoder"].update(image_size=8, patch_size=2, in_channels=4)
+    config["vae"] = {"_target_": "tokenmill.tokenizers.FrozenVAE", "pretrained_path": str(tmp_path / "vae")}
+    model = build_model(config).eval()
+    _randomise_zero_inits(model)
+    save_pretrained(model, tmp_path / "flextok")
+    shutil.rmtree(tmp_path / "vae")  # the export must be self-contained
+    saved = json.loads((tmp_path / "flextok" / "config.json").read_text())["model"]["vae"]
+    assert saved["pretrained_path"] is None and saved["autoencoder"]["quantizer"]["dim"] == 4
+    reloaded = from_pretrained(tmp_path / "flextok").eval()
+    images = _images()
+    assert torch.equal(model.reconstruct(images, num_tokens=2, seed=1), reloaded.reconstruct(images, num_tokens=2, seed=1))

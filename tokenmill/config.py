@@ -19,11 +19,17 @@ def _div(a: int, b: int) -> int:
     return int(a) // int(b)
 
 
+def _mul(a: int, b: int) -> int:
+    return int(a) * int(b)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("precision_if_cuda"):
         OmegaConf.register_new_resolver("precision_if_cuda", _precision_if_cuda)
     if not OmegaConf.has_resolver("div"):
         OmegaConf.register_new_resolver("div", _div)
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", _mul)
 
 
 register_resolvers()

@@ -97,12 +97,43 @@ def _model_card(config: dict, metrics: dict | None, extra: dict | None) -> str:
     return "\n".join(lines)
 
 
+def portable_config(model: nn.Module) -> dict:
+    """The model's config with every part that points outside the export made self-contained.
+
+    A submodule whose config reads files at build time (e.g. a FrozenVAE loaded from another
+    export's path) defines `portable_config(node) -> node`; its weights are in this export's
+    model.safetensors anyway, so the saved config must not need the original file.
+    """
+    from hydra.utils import get_class
+
+    hooks = [m for m in model.modules() if m is not model and hasattr(m, "portable_config")]
+
+    def visit(node: Any) -> Any:
+        if isinstance(node, dict):
+            target = node.get("_target_")
+            if isinstance(target, str):
+                for module in hooks:
+                    try:
+                        cls = get_class(target)
+                    except (ImportError, ValueError):
+                        break
+                    if isinstance(module, cls):
+                        node = module.portable_config(node)
+                        break
+            return {k: visit(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [visit(v) for v in node]
+        return node
+
+    return visit(deepcopy(model_config(model))) if hooks else model_config(model)
+
+
 def save_pretrained(
     model: nn.Module, directory: str | os.PathLike, metrics: dict | None = None, extra: dict | None = None
 ) -> Path:
     """Write config.json + model.safetensors (+ README.md). Each file is replaced atomically and
     config.json is written last, so a directory with a config.json is always complete."""
-    config = model_config(model)
+    config = portable_config(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp_weights = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_NAME}.")

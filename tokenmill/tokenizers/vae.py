@@ -69,6 +69,15 @@ class FrozenVAE(nn.Module):
         self.scaling_factor = scaling_factor
         self.latent_channels = autoencoder.quantizer.dim
 
+    def portable_config(self, node: dict) -> dict:
+        """For an export: rebuild this VAE from its architecture, not from `pretrained_path`
+        (its weights are saved with the model that contains it)."""
+        if not node.get("pretrained_path"):
+            return node  # built from its architecture config already
+        from tokenmill.export.pretrained import model_config
+
+        return {**node, "pretrained_path": None, "autoencoder": model_config(self.autoencoder)}
+
     def train(self, mode: bool = True) -> FrozenVAE:
         return super().train(False)  # frozen: always eval
 
