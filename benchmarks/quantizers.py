@@ -379,7 +379,7 @@ def table_lines(cases: list[Case]) -> list[str]:
 ANALYSIS = """\
 **Reading the table.** Every ratio is >= 1 in the run above. The elementwise quantizers (FSQ,
 ResidualFSQ) do the same arithmetic as the peer (their codes are bitwise equal), so they sit near
-parity (~1.1x; at ~2 ms per step a scheduling spike moves a single run by +-0.15). Their histogram
+parity (~1.1-1.3x over the runs so far; at ~2 ms per step a scheduling spike moves a single run by +-0.15). Their histogram
 metrics are what used to put them below 1: a `bincount` over the whole codebook plus
 entropy/perplexity costs ~0.4 ms for 64000 codes, 20 % of an FSQ step. `TokenizerTask` therefore
 computes the metrics only on the steps Lightning logs (`quantizer_metrics`), which is what the
