@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -48,6 +47,7 @@ from torch.utils.data import IterableDataset
 
 import tokenmill.config  # noqa: F401  (registers the resolvers a data config may use)
 from tokenmill.evaluation.rate_distortion import check_budgets, default_budgets, quantize_images
+from tokenmill.evaluation.runs import embedded_datamodule, locate, model_image_size, run_datamodule
 from tokenmill.export import from_pretrained
 from tokenmill.metrics import CodebookUsage, ImageQualityMeter, InceptionFeatures, ReconstructionFID
 from tokenmill.metrics.fid import BACKBONES, RESIZE_MODES
@@ -66,18 +66,6 @@ COLUMNS = (
 )
 
 
-def _rate_distortion_cli():
-    """scripts/rate_distortion.py as a module: its run / export / data helpers are reused here."""
-    name = "tokenmill_scripts_rate_distortion"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("rate_distortion.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-rd_cli = _rate_distortion_cli()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -173,15 +161,15 @@ def build_datamodule(model, run_dir: Path | None, args: argparse.Namespace):
     choice = args.data
     if choice == "auto":
         choice = "run" if run_dir is not None else "embedded"
-    image_size = args.image_size or rd_cli.model_image_size(model)
+    image_size = args.image_size or model_image_size(model)
     if choice == "run":
         if run_dir is None:
             raise ValueError(f"--data run needs a training run directory, but {args.path} is a bare export")
-        return rd_cli.run_datamodule(run_dir), f"validation data of the run {run_dir}"
+        return run_datamodule(run_dir), f"validation data of the run {run_dir}"
     if image_size is None:
         raise ValueError("cannot tell this model's input size (it has a VAE): pass --image-size")
     if choice == "embedded":
-        datamodule = rd_cli.embedded_datamodule(args.num_images or 32, image_size, args.seed)
+        datamodule = embedded_datamodule(args.num_images or 32, image_size, args.seed)
         return datamodule, f"embedded validation photos at {image_size}px"
     path = Path(choice)
     if not path.is_file():
@@ -330,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
         device = torch.device(args.device or default_device())
-        export_dir, run_dir = rd_cli.locate(args.path)
+        export_dir, run_dir = locate(args.path)
         model = from_pretrained(export_dir, map_location=str(device)).eval()
         budgets = check_budgets(model, args.budgets or default_budgets(model))
         datamodule, data_description = build_datamodule(model, run_dir, args)

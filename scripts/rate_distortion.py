@@ -24,8 +24,6 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 import tokenmill.config  # noqa: F401  (registers the resolvers a run config may use)
 from tokenmill.evaluation.rate_distortion import (
@@ -39,11 +37,8 @@ from tokenmill.evaluation.rate_distortion import (
     validation_images,
     write_csv,
 )
-from tokenmill.export import CONFIG_NAME, from_pretrained
-
-ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED_DATA_CONFIG = ROOT / "conf" / "data" / "embedded.yaml"
-RUN_CONFIG_NAME = "config_resolved.yaml"
+from tokenmill.evaluation.runs import embedded_datamodule, locate, model_image_size, run_datamodule
+from tokenmill.export import from_pretrained
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,50 +77,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     return args
-
-
-def locate(path: Path) -> tuple[Path, Path | None]:
-    """(export directory, run directory or None) for a run or an export path, or a clear error."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if (path / CONFIG_NAME).is_file():
-        run_dir = path.parent if (path.parent / RUN_CONFIG_NAME).is_file() else None
-        return path, run_dir
-    if (path / "export" / CONFIG_NAME).is_file():
-        return path / "export", path
-    if (path / RUN_CONFIG_NAME).is_file():
-        raise FileNotFoundError(
-            f"{path} is a run directory without an export ({path / 'export' / CONFIG_NAME} is missing): "
-            "the run has not finished, or ran with export.enabled=false"
-        )
-    raise FileNotFoundError(
-        f"{path} is neither a training run (no {RUN_CONFIG_NAME} and export/) nor an export ({CONFIG_NAME})"
-    )
-
-
-def model_image_size(model) -> int | None:
-    """Pixel size the model was built for, when the model says so directly (no VAE in between)."""
-    size = getattr(model, "image_size", None)
-    if size is None and getattr(model, "vae", None) is None:
-        size = getattr(getattr(model, "encoder", None), "image_size", None)
-    return int(size) if size is not None else None
-
-
-def run_datamodule(run_dir: Path):
-    """The run's own ImageDataModule, so the curve is measured on the data it was validated on."""
-    cfg = OmegaConf.load(run_dir / RUN_CONFIG_NAME)
-    if "data" not in cfg:
-        raise ValueError(f"{run_dir / RUN_CONFIG_NAME} has no `data` section")
-    return instantiate(cfg.data)
-
-
-def embedded_datamodule(num_images: int, image_size: int, seed: int):
-    """Held-out embedded photos (conf/data/embedded.yaml), with enough fixed validation crops."""
-    cfg = OmegaConf.load(EMBEDDED_DATA_CONFIG)
-    cfg.seed = seed  # `${seed}` refers to the root config, which is absent here
-    cfg.image_size = image_size
-    cfg.source.num_val_samples = num_images
-    return instantiate(cfg)
 
 
 def load_images(model, run_dir: Path | None, args: argparse.Namespace) -> torch.Tensor:
