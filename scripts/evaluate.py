@@ -46,7 +46,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import IterableDataset
 
 import tokenmill.config  # noqa: F401  (registers the resolvers a data config may use)
-from tokenmill.evaluation.rate_distortion import check_budgets, default_budgets, quantize_images
+from tokenmill.evaluation.rate_distortion import check_budgets, default_budgets, format_value, quantize_images
 from tokenmill.evaluation.runs import embedded_datamodule, locate, model_image_size, run_datamodule
 from tokenmill.export import from_pretrained
 from tokenmill.metrics import CodebookUsage, ImageQualityMeter, InceptionFeatures, ReconstructionFID
@@ -282,14 +282,6 @@ def evaluate(
 # ----------------------------------------------------------------------------------- output
 
 
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4f}" if math.isfinite(value) else str(value)
-    return str(value)
-
-
 def write_outputs(rows: list[dict], settings: dict, out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / "evaluation.json", out / "evaluation.csv"
@@ -302,12 +294,12 @@ def write_outputs(rows: list[dict], settings: dict, out: Path) -> tuple[Path, Pa
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
-        writer.writerows([[_cell(row[c]) for c in COLUMNS] for row in rows])
+        writer.writerows([[format_value(row[c]) for c in COLUMNS] for row in rows])
     return json_path, csv_path
 
 
 def format_table(rows: list[dict]) -> str:
-    cells = [list(COLUMNS)] + [[_cell(row[c]) or "-" for c in COLUMNS] for row in rows]
+    cells = [list(COLUMNS)] + [[format_value(row[c]) or "-" for c in COLUMNS] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in cells)
 

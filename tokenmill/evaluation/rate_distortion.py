@@ -259,7 +259,8 @@ def evaluate_rate_distortion(
 # ----------------------------------------------------------------------------------- output
 
 
-def _format_value(value) -> str:
+def format_value(value) -> str:
+    """A CSV / table cell: empty for missing values, 4 decimals for floats."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -275,13 +276,13 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         for row in rows:
-            writer.writerow([_format_value(row[column]) for column in CSV_COLUMNS])
+            writer.writerow([format_value(row[column]) for column in CSV_COLUMNS])
     return path
 
 
 def format_table(rows: Sequence[dict]) -> str:
     """Fixed-width text table for the terminal; '-' marks values a codec could not reach."""
-    cells = [list(CSV_COLUMNS)] + [[_format_value(row[c]) or "-" for c in CSV_COLUMNS] for row in rows]
+    cells = [list(CSV_COLUMNS)] + [[format_value(row[c]) or "-" for c in CSV_COLUMNS] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(CSV_COLUMNS))]
     return "\n".join(
         "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in cells
