@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import DictConfig
 
 from tokenmill.budget import TokenBudget
 from tokenmill.export import from_pretrained
@@ -48,10 +49,23 @@ def test_experiment_list_is_not_empty():
     assert {"onedpiece_tiny", *ONEDPIECE_EXPERIMENTS} <= set(EXPERIMENTS)
 
 
+def names_hub_models(cfg) -> bool:
+    """True when the model loads pretrained weights by hub name (not possible offline)."""
+    net = cfg.model.net
+    return any(
+        isinstance(part, DictConfig) and part.get("name_or_path")
+        for part in (net, net.get("vision"), net.get("language_model"))
+    )
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_builds(name, tmp_path):
     cfg = compose_config([f"experiment={name}"], tmp_path)
     assert cfg.task_name == name
+    if names_hub_models(cfg):
+        # Pretrained towers cannot be fetched offline; tests/test_vlm.py and
+        # tests/test_registers.py build these experiments with the same architectures from configs.
+        pytest.skip(f"{name} loads hub weights")
     instantiate(cfg.data)  # data module builds without touching the data yet
     with torch.device("meta"):  # paper sizes without allocating memory
         task = build_task(cfg)

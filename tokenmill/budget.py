@@ -43,6 +43,8 @@ class TokenBudget(nn.Module):
         per_sample: one k per sample (FlexTok) or one k for the whole batch (MQT-style).
         keep_all_prob: probability that a training call keeps all tokens (no drop).
         seed: seeds the draws; with the saved draw counter it makes them rank- and resume-exact.
+        mask_token: learn a mask token for `apply`. Users that only draw k (MQT truncates its
+            queries) turn it off so no parameter goes unused.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class TokenBudget(nn.Module):
         per_sample: bool = True,
         keep_all_prob: float = 0.0,
         seed: int = 0,
+        mask_token: bool = True,
     ):
         super().__init__()
         if distribution not in DISTRIBUTIONS:
@@ -78,11 +81,11 @@ class TokenBudget(nn.Module):
         else:
             support = sorted(set(values))
         self.register_buffer("support", torch.tensor(support, dtype=torch.long), persistent=False)
-        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.mask_token = nn.Parameter(torch.zeros(dim)) if mask_token else None
         self.register_buffer("num_draws", torch.zeros((), dtype=torch.long))
 
     def no_weight_decay(self) -> set[str]:
-        return {"mask_token"}
+        return {"mask_token"} if self.mask_token is not None else set()
 
     def eval_budgets(self) -> list[int]:
         """The k's an evaluation sweeps: powers of two up to max_tokens (and max_tokens)."""
@@ -101,6 +104,8 @@ class TokenBudget(nn.Module):
 
     def apply(self, tokens: Tensor, keep: Tensor | int) -> Tensor:
         """tokens [B, K, dim] -> the same with positions >= keep[b] replaced by the mask token."""
+        if self.mask_token is None:
+            raise RuntimeError("TokenBudget(mask_token=False) only draws k; it cannot mask tokens")
         b, k, d = tokens.shape
         if k != self.max_tokens or d != self.dim:
             raise ValueError(f"TokenBudget expects tokens [B, {self.max_tokens}, {self.dim}], got {tuple(tokens.shape)}")

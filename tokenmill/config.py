@@ -23,6 +23,11 @@ def _mul(a: int, b: int) -> int:
     return int(a) * int(b)
 
 
+def _percent(total: int, percent: float) -> int:
+    """A step count as a percentage of another (e.g. LLaVA's 3 % warmup), rounded down, >= 1."""
+    return max(1, int(int(total) * float(percent) / 100))
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("precision_if_cuda"):
         OmegaConf.register_new_resolver("precision_if_cuda", _precision_if_cuda)
@@ -30,6 +35,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("div", _div)
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", _mul)
+    if not OmegaConf.has_resolver("percent"):
+        OmegaConf.register_new_resolver("percent", _percent)
 
 
 register_resolvers()

@@ -9,22 +9,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
-import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from .loaders import ReportingDataLoader, ResumableDataLoader, SkipReport, StreamDataLoader
-from .sampler import EpochShardSampler, distributed_rank_and_world
+from .datamodule_base import SkippingDataModule
+from .loaders import ReportingDataLoader, StreamDataLoader
+from .sampler import distributed_rank_and_world
 from .samples import ImageCollate, MapImageDataset
-from .seeding import make_generator
 from .source_base import MapImageSource, StreamImageSource
 from .transforms import EvalTransform, TrainTransform
 
 logger = logging.getLogger(__name__)
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(SkippingDataModule):
     def __init__(
         self,
         source: MapImageSource | StreamImageSource,
@@ -63,19 +61,8 @@ class ImageDataModule(L.LightningDataModule):
         self.train_transform = TrainTransform(self.image_size, train_crop, tuple(crop_scale), hflip=hflip)
         self.val_transform = EvalTransform(self.image_size)
         self.collate = ImageCollate(self.image_size)
-        self.skip_report = SkipReport()
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
-
-    @property
-    def skipped_keys(self) -> dict[str, str]:
-        """Keys dropped so far (as seen by this process's loaders), mapped to the reason."""
-        return self.skip_report.keys
-
-    @property
-    def num_skipped(self) -> int:
-        """Total drops seen by this process's loaders, counting repeats in later epochs."""
-        return self.skip_report.total
 
     def prepare_data(self) -> None:
         self.source.prepare()
@@ -98,18 +85,6 @@ class ImageDataModule(L.LightningDataModule):
             )
             self.val_dataset = self.source.val_stream(self.val_transform, rank, world_size)
 
-    def _loader_options(self) -> dict[str, Any]:
-        return {
-            "collate_fn": self.collate,
-            "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
-            "persistent_workers": self.persistent_workers,
-            "skip_report": self.skip_report,
-            # DataLoader draws its worker base seed from this instead of the global RNG, so
-            # iterating data does not shift the model's random stream (dropout, init, ...).
-            "generator": make_generator("dataloader", self.seed),
-        }
-
     def _trainer_epoch(self) -> int | None:
         return self.trainer.current_epoch if self.trainer is not None else None
 
@@ -123,19 +98,7 @@ class ImageDataModule(L.LightningDataModule):
                 epoch_fn=self._trainer_epoch,
                 **self._loader_options(),
             )
-        sampler = EpochShardSampler(len(self.train_dataset), shuffle=True, seed=self.seed)
-        if len(sampler) < self.batch_size:
-            raise ValueError(
-                f"each rank gets {len(sampler)} training samples, fewer than batch_size={self.batch_size}: "
-                "no full batch per epoch (lower batch_size or add data)"
-            )
-        return ResumableDataLoader(
-            self.train_dataset,
-            sampler=sampler,
-            batch_size=self.batch_size,
-            drop_last=True,
-            **self._loader_options(),
-        )
+        return self._map_train_loader(self.train_dataset)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
@@ -146,7 +109,4 @@ class ImageDataModule(L.LightningDataModule):
             return ReportingDataLoader(
                 self.val_dataset, batch_size=self.val_batch_size, **self._loader_options()
             )
-        sampler = EpochShardSampler(len(self.val_dataset), shuffle=False, seed=self.seed)
-        return ReportingDataLoader(
-            self.val_dataset, sampler=sampler, batch_size=self.val_batch_size, **self._loader_options()
-        )
+        return self._map_val_loader(self.val_dataset)

@@ -104,9 +104,9 @@ def portable_config(model: nn.Module) -> dict:
     export's path) defines `portable_config(node) -> node`; its weights are in this export's
     model.safetensors anyway, so the saved config must not need the original file.
     """
-    from hydra.utils import get_class
+    from hydra._internal.utils import _locate
 
-    hooks = [m for m in model.modules() if m is not model and hasattr(m, "portable_config")]
+    hooks = [m for m in model.modules() if hasattr(m, "portable_config")]
 
     def visit(node: Any) -> Any:
         if isinstance(node, dict):
@@ -114,10 +114,10 @@ def portable_config(model: nn.Module) -> dict:
             if isinstance(target, str):
                 for module in hooks:
                     try:
-                        cls = get_class(target)
+                        cls = _locate(target)
                     except (ImportError, ValueError):
                         break
-                    if isinstance(module, cls):
+                    if isinstance(cls, type) and isinstance(module, cls):
                         node = module.portable_config(node)
                         break
             return {k: visit(v) for k, v in node.items()}

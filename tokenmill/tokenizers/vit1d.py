@@ -69,11 +69,16 @@ class ViTEncoder1D(nn.Module):
             raise ValueError(
                 f"encoder was built for {self.image_size}x{self.image_size} images, got {tuple(images.shape[-2:])}"
             )
+        x = self.hidden_states(images)
+        return self.to_tokens(x[:, -self.num_latent_tokens :])
+
+    def hidden_states(self, images: Tensor) -> Tensor:
+        """Final normalised states [B, P + K, width]: patch states, then latent-token states."""
         patches = self.patch_embed(images).flatten(2).transpose(1, 2) + self.patch_pos
         latents = (self.latent_tokens + self.latent_pos).expand(images.shape[0], -1, -1)
         mask = self.attention_mask(images.device) if self.causal_registers else None
         x = self.transformer(self.norm_pre(torch.cat([patches, latents], dim=1)), attn_mask=mask)
-        return self.to_tokens(self.norm_post(x[:, -self.num_latent_tokens :]))
+        return self.norm_post(x)
 
     def attention_mask(self, device: torch.device) -> Tensor:
         """bool [P+K, P+K], True = may attend: patches see patches; register i sees all patches

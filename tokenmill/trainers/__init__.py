@@ -2,8 +2,9 @@ from tokenmill.trainers.callbacks import ReconstructionGrid
 from tokenmill.trainers.checkpoint_io import AtomicCheckpointIO
 from tokenmill.trainers.ema import EMA
 from tokenmill.trainers.tokenizer_task import TokenizerTask
+from tokenmill.trainers.vlm_task import VLMTask
 
-__all__ = ["EMA", "AtomicCheckpointIO", "ReconstructionGrid", "TokenizerTask", "train"]
+__all__ = ["EMA", "AtomicCheckpointIO", "ReconstructionGrid", "TokenizerTask", "VLMTask", "train"]
 
 
 def train(cfg):

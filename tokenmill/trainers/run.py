@@ -104,7 +104,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.export.enabled:
             export_dir = run_dir / "export"
             command = " ".join(["python", *sys.argv])
-            task.eval_net.save_pretrained(export_dir, metrics=metrics, extra={"Training command": command})
+            extra = {"Training command": command}
+            if hasattr(task, "export"):  # tasks with more than one artefact (VLM: model + connector)
+                task.export(export_dir, metrics=metrics, extra=extra)
+            else:
+                task.eval_net.save_pretrained(export_dir, metrics=metrics, extra=extra)
             summary["export_dir"] = str(export_dir)
             diff = verify_export(task, export_dir, run_dir)
             if diff is not None:
