@@ -46,3 +46,35 @@ def test_model_without_recorded_config_cannot_be_saved(tmp_path):
     net = instantiate(tiny_autoencoder_config())
     with pytest.raises(ValueError, match="build_model"):
         net.save_pretrained(tmp_path / "x")
+
+
+def test_missing_and_unexpected_tensors_are_refused_but_tied_weights_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    build_model(tiny_autoencoder_config()).save_pretrained(tmp_path / "a")
+    weights = tmp_path / "a" / "model.safetensors"
+    state = load_file(weights)
+    dropped = sorted(state)[0]
+    save_file({k: v for k, v in state.items() if k != dropped}, str(weights))
+    with pytest.raises(ValueError, match=rf"missing 1 tensors \(e.g. \['{dropped}'\]\)"):
+        from_pretrained(tmp_path / "a")
+    save_file({**state, "extra.weight": torch.zeros(1)}, str(weights))
+    with pytest.raises(ValueError, match=r"unexpected 1 tensors \(e.g. \['extra.weight'\]\)"):
+        from_pretrained(tmp_path / "a")
+
+    # A weight shared by two modules is stored once by safetensors and still loads.
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(3, 3)
+            self.b = torch.nn.Linear(3, 3)
+            self.b.weight = self.a.weight
+
+    from tokenmill.export.pretrained import load_pretrained_weights, save_pretrained
+
+    tied = Tied()
+    tied._tokenmill_config = {"_target_": "torch.nn.Identity"}  # only the weights matter here
+    save_pretrained(tied, tmp_path / "tied")
+    fresh = Tied()
+    load_pretrained_weights(fresh, tmp_path / "tied")
+    assert torch.equal(fresh.b.weight, tied.a.weight) and fresh.b.weight is fresh.a.weight

@@ -168,6 +168,21 @@ def test_lora_stage_trains_adapters_and_the_export_merges_them(tmp_path):
         assert torch.allclose(model(batch).logits, task.net(batch).logits, atol=1e-5)
 
 
+def test_a_non_finite_loss_skips_the_step_and_keeps_the_weights(tmp_path, caplog):
+    import lightning as L
+
+    cfg = tiny_cfg(tmp_path)
+    task = build_task(cfg)
+    with torch.no_grad():
+        task.net.connector.projector[0].weight[0, 0] = float("nan")  # every loss becomes NaN
+    before = parameters(task.net)
+    L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              num_sanity_val_steps=0, limit_val_batches=0).fit(task, datamodule=instantiate(cfg.data))
+    after = parameters(task.net)
+    assert all(torch.equal(before[k], after[k]) for k in before if not before[k].isnan().any())
+    assert "non-finite loss" in caplog.text
+
+
 # --------------------------------------------------------------------------- hand-off
 @pytest.fixture(scope="module")
 def stage_one(tmp_path_factory):
@@ -227,6 +242,19 @@ def test_a_connector_of_the_wrong_width_is_refused_before_the_first_step(stage_o
     with pytest.raises(InstantiationException, match=r"hidden size: checkpoint 32 vs model 48"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()  # refused before anything trained
+
+
+def test_init_weights_starts_from_a_whole_vlm_export_and_refuses_another_architecture(stage_one, tmp_path):
+    run_dir, _ = stage_one
+    common = ["model.net.connector.compressor.scales=[16,4,1]", "model.val_budgets=[16]"]
+    cfg = tiny_cfg(tmp_path, "vqa_m3_tiny", [*common, f"model.init_weights={run_dir / 'export'}"])
+    task = build_task(cfg)
+    exported = from_pretrained(run_dir / "export").state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in task.net.state_dict().items())
+    cfg = tiny_cfg(tmp_path, "vqa_m3_tiny", [*common, "model.net.language_model.config.num_hidden_layers=3",
+                                              f"model.init_weights={run_dir / 'export'}"])
+    with pytest.raises(InstantiationException, match="missing .* tensors .*layers.2"):
+        build_task(cfg)
 
 
 # --------------------------------------------------------------------------- export and evaluation

@@ -32,34 +32,10 @@ from torch import Tensor, nn
 from tokenmill.budget import TokenBudget
 from tokenmill.compressors.base import Compressor, CompressorOutput, VisionFeatures
 from tokenmill.compressors.posemb import resize_pos_embed, sincos_1d, sincos_2d
-from tokenmill.layers.attention import MultiHeadAttention, attention
+from tokenmill.layers.attention import CrossAttention, MultiHeadAttention
 from tokenmill.layers.transformer import MLP
 
 BUDGET_KEYS = ("distribution", "values", "min_tokens", "seed", "keep_all_prob")
-
-
-class CrossAttention(nn.Module):
-    """Multi-head cross-attention: queries [B, Lq, dim] attend to keys/values [B, Lk, dim]."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def _heads(self, x: Tensor) -> Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-
-    def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        b, n, d = query.shape
-        out = attention(self._heads(self.q(query)), self._heads(self.k(key)), self._heads(self.v(value)))
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class QueryLayer(nn.Module):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenmill.compressors.base import Compressor, CompressorOutput, VisionFeatures
-from tokenmill.compressors.mqt import CrossAttention
+from tokenmill.layers.attention import CrossAttention
 
 
 def to_regions(x: Tensor, grid: tuple[int, int], s: int) -> Tensor:

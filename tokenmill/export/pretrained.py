@@ -156,7 +156,8 @@ def save_pretrained(
 def _check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     expected = model.state_dict()
     # safetensors stores one name per shared tensor; names that alias a stored tensor are fine.
-    aliased = {k for k, v in expected.items() if k not in state and any(v is w for w in expected.values())}
+    stored = [(v.data_ptr(), v.shape) for k, v in expected.items() if k in state]
+    aliased = {k for k, v in expected.items() if k not in state and (v.data_ptr(), v.shape) in stored}
     missing = sorted(set(expected) - set(state) - aliased)
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
@@ -173,6 +174,17 @@ def _check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: 
         problems.append(f"{len(mismatched)} shape mismatches (e.g. {mismatched[:5]})")
     if problems:
         raise ValueError(f"weights in {source} do not match the model in its config.json: " + "; ".join(problems))
+
+
+def load_pretrained_weights(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Copy an export's weights into an already built model, strictly (names and shapes)."""
+    weights_path = Path(directory) / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} not found: not a tokenmill save_pretrained directory")
+    state = load_file(weights_path)
+    _check_state_dict(model, state, weights_path)
+    model.load_state_dict(state, strict=False)  # strictness checked above, aliases allowed
+    return model
 
 
 def from_pretrained(
@@ -192,9 +204,7 @@ def from_pretrained(
     model = build_model(payload["model"])
     if expected_class is not None and not isinstance(model, expected_class):
         raise TypeError(f"{directory} holds a {type(model).__name__}, expected {expected_class.__name__}")
-    state = load_file(weights_path, device=map_location)
-    _check_state_dict(model, state, weights_path)
-    model.load_state_dict(state, strict=False)  # strictness checked above, aliases allowed
+    load_pretrained_weights(model, directory)
     return model.to(map_location).eval()
 
 

@@ -80,3 +80,27 @@ class MultiHeadAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         out = attention(self.q_norm(q), self.k_norm(k), v, attn_mask=attn_mask, is_causal=is_causal)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention: queries [B, Lq, dim] attend to keys/values [B, Lk, dim]."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        b, n, d = query.shape
+        out = attention(self._heads(self.q(query)), self._heads(self.k(key)), self._heads(self.v(value)))
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))

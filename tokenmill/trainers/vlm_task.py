@@ -6,7 +6,8 @@ averages the losses. Which parameters train is configuration: `trainable` lists 
 (stage 1 alignment: the connector; stage 2: the connector and the language model; set by
 conf/stage/), `trainable_extra` adds a method's own parts (FALCON's ViT registers), `lora` adds
 adapters to a frozen language model instead. `init_connector` loads a previous stage's
-connector strictly, checking widths before anything trains.
+connector strictly, checking widths before anything trains; `init_weights` loads a whole VLM
+export (e.g. M3 fine-tuning a trained full-token model).
 
 Validation reports answer exact-match accuracy and loss at each of `val_budgets`.
 """
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from tokenmill.compressors.vlm import VisionLanguageModel, answer_exact_match
 from tokenmill.export.connector import load_connector, save_connector
+from tokenmill.export.pretrained import load_pretrained_weights
 from tokenmill.layers.lora import apply_lora, merge_lora
 from tokenmill.trainers.optim import build_optimizer, warmup_cosine_scheduler
 
@@ -55,12 +57,17 @@ class VLMTask(L.LightningModule):
         trainable_extra: list[str] = (),
         lora: dict | None = None,
         init_connector: str | None = None,
+        init_weights: str | None = None,
         val_budgets: list[int] | None = None,
         compressor_loss_weight: float = 1.0,
         gradient_clip_norm: float | None = 1.0,
     ):
         super().__init__()
         self.net = net
+        if init_weights:
+            # The whole VLM from an export (M3 fine-tunes a trained LLaVA); strict, before training.
+            load_pretrained_weights(net, init_weights)
+            log.info("loaded VLM weights from %s", init_weights)
         if init_connector:
             log.info("loaded %s", load_connector(net, init_connector))  # refuses mismatches before training
         if lora:
@@ -109,6 +116,10 @@ class VLMTask(L.LightningModule):
         return out.loss + self.compressor_loss_weight * extra, out, out.num_image_tokens
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        # Every rank must agree to skip, or the others would wait in the gradient all-reduce.
+        if not self.trainer.strategy.reduce_boolean_decision(batch["input_ids"].shape[0] > 0, all=True):
+            log.warning("step %d: a batch with no usable sample on some rank was skipped", self.global_step)
+            return None
         budgets = self.net.compressor.training_budgets()
         losses, tokens = [], []
         for k in budgets:
@@ -116,17 +127,21 @@ class VLMTask(L.LightningModule):
             losses.append(loss)
             tokens.append(m)
         loss = torch.stack(losses).mean()
-        if not torch.isfinite(loss):
-            # Skipping keeps the weights; returning None makes Lightning skip the optimizer step.
-            log.warning("step %d: non-finite loss %s, batch skipped", self.global_step, loss.item())
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            # Returning None makes Lightning skip backward and the optimizer step: weights unchanged.
+            log.warning("step %d: non-finite loss %s on some rank, batch skipped", self.global_step, loss.item())
             return None
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("data/skipped_samples", batch["num_skipped"].float(), batch_size=1)
         self.log("train/image_tokens", float(sum(tokens) / len(tokens)), batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         batch_size = batch["input_ids"].shape[0]
+        self.log("val/skipped_samples", batch["num_skipped"].float(), reduce_fx="sum", sync_dist=True, batch_size=1)
+        if batch_size == 0:
+            return
         for k in self.val_budgets:
             out = self.net(batch, num_tokens=k)
             accuracy = answer_exact_match(out.logits, out.labels).float().mean()
