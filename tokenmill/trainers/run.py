@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from tokenmill.export import build_model, from_pretrained
 from tokenmill.trainers.checkpoint_io import AtomicCheckpointIO
+from tokenmill.trainers.requeue import SaveBeforeRequeue
+from tokenmill.trainers.resume import (
+    configure_wandb_resume,
+    record_command,
+    recorded_commands,
+    resolve_ckpt_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +41,6 @@ def save_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
     path = run_dir / "config_resolved.yaml"
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return path
-
-
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """"last" resumes from this run directory's last.ckpt when one exists (else starts fresh)."""
-    if ckpt_path in (None, "", "null"):
-        return None
-    if ckpt_path == "last":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
-    return ckpt_path
 
 
 def instantiate_group(group: DictConfig | None) -> list:
@@ -80,6 +75,9 @@ def verify_export(task: L.LightningModule, export_dir: Path, run_dir: Path) -> f
 def train(cfg: DictConfig) -> dict[str, float]:
     silence_expected_warnings()
     run_dir = Path(cfg.paths.output_dir)
+    if rank_zero_only.rank == 0:
+        record_command(run_dir)  # command.txt: one line per start (the first trained, later ones resumed)
+    configure_wandb_resume(cfg.get("logger"), run_dir)  # wandb_id.txt: a resumed run logs into the same run
     save_resolved_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
@@ -87,24 +85,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = instantiate(cfg.data)
     task = build_task(cfg)
+    requeue = SaveBeforeRequeue.if_submitit(run_dir / "checkpoints")  # None outside a submitit job
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        callbacks=instantiate_group(cfg.get("callbacks")),
+        callbacks=[*instantiate_group(cfg.get("callbacks")), *([requeue] if requeue else [])],
         logger=instantiate_group(cfg.get("logger")) or False,
         plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(task, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), run_dir))
+    if requeue is not None and requeue.pending:
+        requeue.hand_over()  # submitit requeues the job (rank 0 exits here); the rerun resumes
+        return {}
     if trainer.interrupted:
         return {}
     trainer.validate(task, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if cfg.export.enabled and hasattr(task, "gather_for_export"):
+        task.gather_for_export()  # every rank: a sharded (FSDP) model's full weights are gathered onto rank 0
 
     if trainer.is_global_zero:
         summary = {"run_dir": str(run_dir), "global_step": trainer.global_step, **metrics}
         if cfg.export.enabled:
             export_dir = run_dir / "export"
-            command = " ".join(["python", *sys.argv])
-            extra = {"Training command": command}
+            extra = {"Training command": recorded_commands(run_dir)}
             if hasattr(task, "export"):  # tasks with more than one artefact (VLM: model + connector)
                 task.export(export_dir, metrics=metrics, extra=extra)
             else:

@@ -9,6 +9,10 @@ One training step, in order:
 Manual optimisation because two optimizers take turns. The discriminator steps through the
 strategy directly so that Lightning's `global_step` counts batches (one generator step each):
 `max_steps`, schedules and checkpoint intervals then mean the same with and without a GAN.
+
+Under `trainer=fsdp`, `configure_model` shards the generator, its EMA copy and the discriminator
+with tokenmill.trainers.parallel (the frozen perceptual network stays replicated); the export
+gathers the full EMA model onto rank 0 (`gather_for_export`, then `export`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -28,6 +33,7 @@ from tokenmill.losses import reconstruction_loss as recon_loss_fn
 from tokenmill.metrics import CodebookUsage, ImageQualityMeter
 from tokenmill.quantizers import quantizer_metrics
 from tokenmill.tokenizers.autoencoder import Autoencoder
+from tokenmill.trainers import parallel
 from tokenmill.trainers.ema import EMA
 from tokenmill.trainers.optim import build_optimizer, warmup_cosine_scheduler
 
@@ -97,11 +103,43 @@ class TokenizerTask(L.LightningModule):
         self.quality = ImageQualityMeter()
         self.usage = CodebookUsage(net.codebook_size) if net.codebook_size else None
         self.grid_batch: dict[str, Tensor] | None = None  # first validation batch, for pictures
+        self._export_net: Autoencoder | None = None  # the gathered eval model (FSDP), on rank 0
 
     # ----------------------------------------------------------------- model used for eval/export
     @property
     def eval_net(self) -> Autoencoder:
         return self.ema.module if self.ema is not None else self.net
+
+    @property
+    def sharded(self) -> bool:
+        return parallel.is_sharded(self.net)
+
+    def gather_for_export(self) -> None:
+        """Every rank calls this before `export` (a collective when sharded): rank 0 then holds
+        an unsharded copy of the eval (EMA) model with the full weights. No-op when unsharded."""
+        if self.sharded:
+            self._export_net = parallel.gathered_copy(self.eval_net)
+
+    def export(self, directory, metrics: dict | None = None, extra: dict | None = None) -> Path:
+        """`save_pretrained` of the eval (EMA) model, on rank 0 (called by run.py)."""
+        net = parallel.model_for_export(self.eval_net, self._export_net, self.sharded)
+        return net.save_pretrained(directory, metrics=metrics, extra=extra)
+
+    # ------------------------------------------------------------------------------- sharding
+    def configure_model(self) -> None:
+        """trainer=fsdp: shard the generator, its EMA copy (alike, so the average runs on local
+        shards) and the discriminator. Other strategies: nothing to do."""
+        mesh = parallel.data_parallel_mesh(self.device_mesh)
+        if mesh is None or self.sharded:
+            return
+        options = parallel.sharding_options(self.trainer.strategy)
+        parallel.shard_model(self.net, mesh, **options)
+        if self.ema is not None:
+            # never runs backward: no activation checkpointing, shards registered after forward
+            parallel.shard_model(self.ema.module, mesh, **{**options, "activation_checkpointing": False},
+                                 root_reshard_after_forward=True)
+        if self.discriminator is not None:
+            parallel.shard_model(self.discriminator, mesh, **options)
 
     # ----------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):
@@ -195,7 +233,12 @@ class TokenizerTask(L.LightningModule):
     def _step(self, optimizer, scheduler, loss: Tensor, through_strategy: bool = False) -> None:
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if self.gradient_clip_norm:
+        if self.sharded:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            parallel.sync_replicated_grads(params)  # the quantizer's codebook is not sharded
+            if self.gradient_clip_norm:
+                parallel.clip_grad_norm_(params, self.gradient_clip_norm)
+        elif self.gradient_clip_norm:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_norm, gradient_clip_algorithm="norm")
         if through_strategy:
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)

@@ -10,6 +10,11 @@ connector strictly, checking widths before anything trains; `init_weights` loads
 export (e.g. M3 fine-tuning a trained full-token model).
 
 Validation reports answer exact-match accuracy and loss at each of `val_budgets`.
+
+Under `trainer=fsdp`, `configure_model` shards the model with tokenmill.trainers.parallel (every
+ViT / LLM block its own unit, frozen ones included: they hold 1/N of their weights per rank and
+take no gradient or optimizer state); the export gathers the full model onto rank 0
+(`gather_for_export`, then `export`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from tokenmill.compressors.vlm import VisionLanguageModel, answer_exact_match
 from tokenmill.export.connector import load_connector, save_connector
 from tokenmill.export.pretrained import load_pretrained_weights
 from tokenmill.layers.lora import apply_lora, merge_lora
+from tokenmill.trainers import parallel
 from tokenmill.trainers.optim import build_optimizer, warmup_cosine_scheduler
 
 log = logging.getLogger(__name__)
@@ -70,6 +76,7 @@ class VLMTask(L.LightningModule):
             log.info("loaded VLM weights from %s", init_weights)
         if init_connector:
             log.info("loaded %s", load_connector(net, init_connector))  # refuses mismatches before training
+        self.lora = dict(lora) if lora else None
         if lora:
             lora = dict(lora)
             wrapped = apply_lora(net.language_model, **lora)
@@ -85,6 +92,7 @@ class VLMTask(L.LightningModule):
             raise ValueError(f"val_budgets {bad} not supported by {type(net.compressor).__name__} (supports {supported})")
         self.compressor_loss_weight = compressor_loss_weight
         self.gradient_clip_norm = gradient_clip_norm
+        self._export_net: VisionLanguageModel | None = None  # the gathered model (FSDP), on rank 0
 
     @property
     def eval_net(self) -> VisionLanguageModel:
@@ -97,8 +105,30 @@ class VLMTask(L.LightningModule):
         scheduler = warmup_cosine_scheduler(optimizer, **self.schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    @property
+    def sharded(self) -> bool:
+        return parallel.is_sharded(self.net)
+
+    def configure_model(self) -> None:
+        """trainer=fsdp: shard the model (tokenmill.trainers.parallel). Other strategies: nothing."""
+        mesh = parallel.data_parallel_mesh(self.device_mesh)
+        if mesh is None or self.sharded:
+            return
+        parallel.shard_model(self.net, mesh, **parallel.sharding_options(self.trainer.strategy))
+
+    def _trained_parameters(self, optimizer) -> list[Tensor]:
+        return [p for group in optimizer.param_groups for p in group["params"]]
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.sharded:  # parameters FSDP leaves replicated get their gradients averaged here
+            parallel.sync_replicated_grads(self._trained_parameters(optimizer))
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        if self.gradient_clip_norm:
+        if not self.gradient_clip_norm:
+            return
+        if self.sharded:  # sharded and replicated gradients together
+            parallel.clip_grad_norm_(self._trained_parameters(optimizer), self.gradient_clip_norm)
+        else:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_norm, gradient_clip_algorithm="norm")
 
     def train(self, mode: bool = True):
@@ -151,9 +181,17 @@ class VLMTask(L.LightningModule):
                 self.log("val/loss", out.loss, batch_size=batch_size, sync_dist=True)
                 self.log("val/acc", accuracy, prog_bar=True, batch_size=batch_size, sync_dist=True)
 
+    def gather_for_export(self) -> None:
+        """Every rank calls this before `export` (a collective when sharded): rank 0 then holds
+        an unsharded copy of the model (with its LoRA adapters) and the full weights."""
+        if self.sharded:
+            lora = self.lora
+            prepare = (lambda twin: apply_lora(twin.language_model, **lora)) if lora else None
+            self._export_net = parallel.gathered_copy(self.net, prepare=prepare)
+
     def export(self, directory: Path, metrics: dict | None = None, extra: dict | None = None) -> Path:
         """Full model (LoRA merged) as save_pretrained, plus connector/ and connector/mm_projector.bin."""
-        net = self.net
+        net = parallel.model_for_export(self.net, self._export_net, self.sharded)
         if any(n.endswith(("lora_a", "lora_b")) for n, _ in net.named_parameters()):
             net = copy.deepcopy(net)
             merge_lora(net)
