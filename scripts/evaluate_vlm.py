@@ -18,21 +18,21 @@ from pathlib import Path
 
 import torch
 
+from tokenmill.data.vqa import majority_baseline
 from tokenmill.evaluation.budget_accuracy import BASELINES, evaluate_budgets, plot, write_csv
 from tokenmill.evaluation.runs import locate, run_datamodule
 from tokenmill.export import from_pretrained
 
 
 def majority_rate(batches: list[dict]) -> float:
-    """Accuracy of always answering each question type's most frequent answer."""
-    from collections import Counter, defaultdict
-
-    answers = defaultdict(Counter)
-    for batch in batches:
-        for kind, answer in zip(batch["question_type"], batch["answer"], strict=True):
-            answers[kind][answer] += 1
-    total = sum(sum(c.values()) for c in answers.values())
-    return sum(c.most_common(1)[0][1] for c in answers.values()) / max(total, 1)
+    """Accuracy of always answering each question type's most frequent answer (over all types)."""
+    items = [
+        {"question_type": kind, "answer": answer}
+        for batch in batches
+        for kind, answer in zip(batch["question_type"], batch["answer"], strict=True)
+    ]
+    per_type = majority_baseline(items).values()
+    return sum(t["majority_rate"] * t["num_samples"] for t in per_type) / max(len(items), 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -388,3 +388,19 @@ def test_tiny_vlm_experiments_train_and_their_exports_reload_exactly(experiment,
     with torch.no_grad():
         k = min(cfg.model.val_budgets)
         assert torch.equal(model(batch, num_tokens=k).logits, task.net.eval()(batch, num_tokens=k).logits)
+
+
+def test_evaluate_vlm_script_writes_budget_accuracy_for_a_run(stage_one, tmp_path):
+    import importlib.util
+
+    from .conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("evaluate_vlm_cli", ROOT / "scripts" / "evaluate_vlm.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    run_dir, _ = stage_one
+    assert cli.main([str(run_dir), "--budgets", "1", "16", "--baselines", "avgpool", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "budget_accuracy.json").read_text())
+    rows = {(r["method"], r["num_tokens"]) for r in summary["rows"]}
+    assert rows == {("MatryoshkaPooling", 1), ("MatryoshkaPooling", 16), ("avgpool", 1), ("avgpool", 16)}
+    assert 0.0 < summary["chance_majority"] <= 1.0 and (tmp_path / "budget_accuracy.png").is_file()
